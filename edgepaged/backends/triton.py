@@ -1,0 +1,65 @@
+"""Paged attention through the Triton kernels in `edgepaged.kernels`.
+
+Per layer, `forward` is three or four kernel launches and one output allocation: write this
+step's K/V into their slots, decode attention over the first `num_decode_tokens` rows, prefill
+attention over the rest, both into one output tensor. Everything derived from the batch (the
+split-K plan and its scratch) is made once in `prepare` and shared by every layer, and nothing
+reads a device value back to the host, so a step can run ahead of the GPU or be captured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import DecodePlan, paged_decode_attention, paged_prefill_attention, plan_decode, write_kv
+from .base import AttentionBackend, AttentionBatch
+
+
+@dataclass(slots=True)
+class TritonPrepared:
+    batch: AttentionBatch
+    decode_plan: DecodePlan | None  # None when the step has no decode rows
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+
+    def prepare(self, batch: AttentionBatch) -> TritonPrepared:
+        if not batch.num_decode_tokens:
+            return TritonPrepared(batch, None)
+        plan = plan_decode(
+            batch.num_decode_tokens,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            batch.max_decode_context_len,
+            batch.slot_mapping.device,
+        )
+        return TritonPrepared(batch, plan)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        prepared: TritonPrepared,
+    ) -> torch.Tensor:
+        batch = prepared.batch
+        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        nd = batch.num_decode_tokens
+        if nd:
+            paged_decode_attention(
+                q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale,
+                out=out[:nd], plan=prepared.decode_plan,
+            )
+        if batch.num_prefills:
+            paged_prefill_attention(
+                q[nd:], k_cache, v_cache, batch.prefill_block_tables, batch.prefill_query_start_loc,
+                batch.prefill_context_lens, self.scale, out=out[nd:], max_query_len=batch.max_prefill_query_len,
+            )
+        return out

@@ -1,0 +1,182 @@
+"""Per-sequence block tables over the shared `BlockPool`.
+
+A table is append-only: new tokens land in the last block or in fresh blocks, so the blocks of
+a prefix never move and can be shared. The two ways a table gains shared blocks are a prefix
+cache hit at admission and a `fork` for n>1 sampling; a write into a shared, partly filled
+block copies it first (copy-on-write) and reports the copy for the model runner to perform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from .block_pool import Block, BlockHash, BlockPool, hash_block_tokens
+
+
+class SequenceView(Protocol):
+    seq_id: int
+    token_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    """Blocks a waiting sequence may reuse, found before it is admitted (not yet referenced)."""
+
+    blocks: list[Block]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class _Table:
+    blocks: list[Block] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_registered: int = 0  # leading blocks already offered to the prefix index
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.tables: dict[int, _Table] = {}
+        self._hashes: dict[int, list[BlockHash]] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+        self.pinned: list[Block] = []
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # -- queries -----------------------------------------------------------------------------
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_ids(self, seq_id: int) -> list[int]:
+        return self.tables[seq_id].block_ids
+
+    def num_table_blocks(self, seq_id: int) -> int:
+        table = self.tables.get(seq_id)
+        return len(table.blocks) if table else 0
+
+    def _block_hashes(self, seq: SequenceView, num_full_blocks: int) -> list[BlockHash]:
+        """The chained hashes of the sequence's first full blocks, extended incrementally."""
+        hashes = self._hashes.setdefault(seq.seq_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs]))
+        return hashes[:num_full_blocks]
+
+    def find_prefix(self, seq: SequenceView) -> PrefixHit:
+        """The longest run of cached full blocks matching the sequence's start.
+
+        At least the last token is always left to compute: its logits are what we sample from.
+        """
+        if not self.pool.enable_caching:
+            return PrefixHit([], 0)
+        max_blocks = (len(seq.token_ids) - 1) // self.block_size
+        hits: list[Block] = []
+        for block_hash in self._block_hashes(seq, max_blocks):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return PrefixHit(hits, len(hits) * self.block_size)
+
+    def _cow_needed(self, table: _Table, num_computed: int) -> bool:
+        """Whether the next write lands in a partly filled block that others also reference."""
+        idx = num_computed // self.block_size
+        return idx < len(table.blocks) and table.blocks[idx].ref_count > 1
+
+    def can_allocate(self, seq: SequenceView, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        table = self.tables.get(seq.seq_id) or _Table()
+        if hit is None:
+            hit = PrefixHit([], 0)
+        have = len(table.blocks) + len(hit.blocks)
+        computed = max(seq.num_computed_tokens, hit.num_tokens)
+        need = self.blocks_needed(computed + num_new_tokens) - have
+        need += int(self._cow_needed(table, computed))
+        revived = sum(1 for b in hit.blocks if b.ref_count == 0)  # leave the free list when reused
+        return need + revived <= self.pool.num_free
+
+    # -- changes -----------------------------------------------------------------------------
+    def allocate(self, seq: SequenceView, num_new_tokens: int, hit: PrefixHit | None = None) -> None:
+        """Grow the sequence's table to hold `num_new_tokens` more tokens (after `can_allocate`)."""
+        table = self.tables.setdefault(seq.seq_id, _Table())
+        if hit is not None and hit.blocks:
+            assert not table.blocks, "a prefix hit only applies to a sequence without blocks"
+            for block in hit.blocks:
+                self.pool.acquire(block)
+            table.blocks.extend(hit.blocks)
+            table.block_ids.extend(b.block_id for b in hit.blocks)
+            table.num_registered = len(hit.blocks)
+            seq.num_computed_tokens = hit.num_tokens
+        if hit is not None and self.pool.enable_caching:
+            self.prefix_query_tokens += len(seq.token_ids)
+            self.prefix_hit_tokens += hit.num_tokens
+        if self._cow_needed(table, seq.num_computed_tokens):
+            idx = seq.num_computed_tokens // self.block_size
+            src = table.blocks[idx]
+            (dst,) = self.pool.allocate(1)
+            self.pool.release([src])
+            table.blocks[idx], table.block_ids[idx] = dst, dst.block_id
+            self.pending_copies.append((src.block_id, dst.block_id))
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(table.blocks)
+        if need > 0:
+            new = self.pool.allocate(need)
+            table.blocks.extend(new)
+            table.block_ids.extend(b.block_id for b in new)
+
+    def commit(self, seq: SequenceView) -> None:
+        """Index the blocks this step filled, so later prompts with the same prefix find them."""
+        if not self.pool.enable_caching:
+            return
+        table = self.tables[seq.seq_id]
+        num_full = min(seq.num_computed_tokens // self.block_size, len(table.blocks))
+        if num_full <= table.num_registered:
+            return
+        hashes = self._block_hashes(seq, num_full)
+        for i in range(table.num_registered, num_full):
+            self.pool.register(table.blocks[i], hashes[i])
+        table.num_registered = num_full
+
+    def fork(self, parent: SequenceView, child: SequenceView) -> None:
+        """Give `child` the parent's blocks by reference: n samples store their prompt once."""
+        src = self.tables[parent.seq_id]
+        for block in src.blocks:
+            self.pool.acquire(block)
+        self.tables[child.seq_id] = _Table(list(src.blocks), list(src.block_ids), src.num_registered)
+        self._hashes[child.seq_id] = list(self._hashes.get(parent.seq_id, []))
+
+    def free(self, seq_id: int) -> None:
+        """Return a finished or preempted sequence's blocks, tail first (see BlockPool.release)."""
+        table = self.tables.pop(seq_id, None)
+        self._hashes.pop(seq_id, None)
+        if table is not None:
+            self.pool.release(reversed(table.blocks))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def pin(self, token_ids: Sequence[int]) -> int:
+        """Hold an extra reference on the cached full blocks of `token_ids` so LRU never evicts them."""
+        parent: BlockHash | None = None
+        pinned = 0
+        bs = self.block_size
+        for i in range(len(token_ids) // bs):
+            parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
+            block = self.pool.lookup(parent)
+            if block is None:
+                break
+            self.pool.acquire(block)
+            self.pinned.append(block)
+            pinned += 1
+        return pinned
+
+    def unpin_all(self) -> None:
+        self.pool.release(reversed(self.pinned))
+        self.pinned = []
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0

@@ -1,0 +1,123 @@
+"""`edgepaged profile`: list the shipped profiles, check a profile file, show the memory plan.
+
+`show` measures the plan when the profile's device is here (the engine loads the model and runs
+its largest step). For a device that is not here it still answers, from the profile's own
+figures: exact weight bytes from the checkpoint's safetensors headers, KV bytes per token from
+config.json, an analytic activation estimate, and it says which figures were estimated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from safetensors import safe_open
+
+from ..memory.planner import (
+    ESTIMATED_CUDA_OVERHEAD_BYTES,
+    MemoryPlan,
+    MemoryPlanError,
+    dtype_bytes,
+    estimate_activation_bytes,
+    plan_memory,
+)
+from ..memory.probe import device_matches, facts_from_profile
+from ..profiles import GIB, DeviceProfile, ProfileError, list_profiles, load_profile
+
+app = typer.Typer(help="Device profiles and the memory plan they give.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_command() -> None:
+    """List the shipped profiles."""
+    for name in list_profiles():
+        p = load_profile(name)
+        memory = "unified" if p.device.unified_memory else "discrete"
+        typer.echo(
+            f"{name:<22} {p.device.kind:<4} {p.device.total_memory_gb:>6g} GiB {memory:<8} "
+            f"{p.model.dtype:<8} {p.backend:<8} {p.description}"
+        )
+
+
+@app.command("validate")
+def validate_command(file: Path = typer.Argument(..., help="profile YAML to check")) -> None:
+    """Check a profile file (and whatever it extends); exit 1 with every problem found."""
+    profile = _load(str(file))
+    typer.echo(f"{file}: ok (profile {profile.name}, {profile.device.kind}, backend {profile.backend})")
+
+
+@app.command("show")
+def show_command(
+    name: str = typer.Argument(..., help="shipped profile name or YAML path"),
+    model: Optional[str] = typer.Option(None, "--model", help="model folder or .gguf (default: the default model)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """Show how the profile's budget is spent on a model: weights, activations, KV pool, sequences."""
+    profile = _load(name)
+    try:
+        if device_matches(profile):
+            from ..engine import measure_plan
+
+            plan = measure_plan(model, profile)
+        else:
+            from ..models.loader import resolve_model
+
+            plan = plan_from_figures(profile, resolve_model(model))
+    except MemoryPlanError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(plan.to_json(), indent=2) if as_json else plan.format_table())
+
+
+def plan_from_figures(profile: DeviceProfile, folder: Path) -> MemoryPlan:
+    """The plan on the device the profile describes, for a machine that does not have it."""
+    from ..models.config import ModelConfig
+
+    cfg = ModelConfig.from_folder(folder)
+    plan = plan_memory(
+        profile,
+        facts_from_profile(profile),
+        weights_bytes=checkpoint_bytes(folder, dtype_bytes(profile.model.dtype)),
+        activation_bytes=estimate_activation_bytes(cfg, profile),
+        overhead_bytes=ESTIMATED_CUDA_OVERHEAD_BYTES,
+        kv_bytes_per_token=cfg.kv_bytes_per_token(dtype_bytes(profile.kv_dtype)),
+        max_model_len=cfg.max_context,
+    )
+    notes = (
+        f"computed from the profile's figures ({profile.device.total_memory_gb:g} GiB); the device is not here to measure",
+        f"weights are exact ({profile.model.dtype} parameter bytes from {folder.name}'s safetensors headers)",
+        f"activations are an analytic estimate for {profile.scheduler.max_num_batched_tokens} batched tokens",
+        f"runtime overhead is an estimate ({ESTIMATED_CUDA_OVERHEAD_BYTES / GIB:.2f} GiB for the CUDA context)",
+    )
+    return dataclasses.replace(plan, notes=notes)
+
+
+def checkpoint_bytes(folder: Path, float_bytes: int) -> int:
+    """Parameter bytes of a safetensors checkpoint once its floating tensors are cast to `float_bytes`.
+
+    Reads only the headers, so a checkpoint of many GB costs nothing to size. Integer tensors are
+    buffers (position ids and the like), not weights the model loads, so they are not counted.
+    """
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise typer.BadParameter(f"{folder} holds no *.safetensors weights", param_hint="--model")
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                if tensor.get_dtype().startswith(("F", "BF")):
+                    total += math.prod(tensor.get_shape()) * float_bytes
+    return total
+
+
+def _load(name: str) -> DeviceProfile:
+    try:
+        return load_profile(name)
+    except ProfileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None

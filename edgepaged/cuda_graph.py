@@ -1,0 +1,194 @@
+"""CUDA graphs for decode steps, and the one host-to-device transfer every step makes.
+
+A decode step of a small model is a thousand tiny kernels; launched one by one from Python the
+GPU waits on the host most of the time. A graph replays the whole forward pass with one launch.
+Graphs freeze shapes and addresses, so decode steps (one token per sequence) are captured for a
+few batch sizes and a live batch runs in the smallest one that holds it, the spare rows padded
+(slot -1: nothing written; context 0: nothing read). The inputs live in static device buffers
+that each step fills with one copy from pinned memory. The attention plan is captured for the
+longest context the engine allows; the decode kernel cuts each sequence's context for its own
+length (see `kernels.paged_decode._split_len`), so one graph per batch size is as fast at a short
+context as an eager step planned for it. Prefill and mixed steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .backends.base import AttentionBackend, AttentionBatch
+
+GRAPHS_ENV = "EDGEPAGED_CUDA_GRAPHS"
+
+_TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
+
+def stage(arrays: Sequence[np.ndarray], device: torch.device, out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Move int32/int64 host arrays to `device` in one transfer; one device view per array.
+
+    The arrays are packed (8-byte aligned) into one pinned buffer and copied without blocking
+    the host; the caching host allocator keeps the buffer alive until the copy has run. `out`
+    (a uint8 device buffer) receives the bytes instead of a fresh allocation: the same array
+    shapes then always land at the same addresses, which is what a captured graph reads. On the
+    CPU the packed buffer itself is returned, with no copy.
+    """
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 8) * 8
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    packed = host.numpy()
+    for a, offset in zip(arrays, offsets):
+        packed[offset : offset + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    if device.type == "cpu":
+        dev = host
+    else:
+        dev = torch.empty(total, dtype=torch.uint8, device=device) if out is None else out[:total]
+        dev.copy_(host, non_blocking=True)
+    return [
+        dev[offset : offset + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape)
+        for a, offset in zip(arrays, offsets)
+    ]
+
+
+def graphs_requested(flag: bool | None) -> bool:
+    """An explicit flag wins; otherwise EDGEPAGED_CUDA_GRAPHS=0 turns graphs off (default on)."""
+    if flag is not None:
+        return flag
+    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8, ending at max_num_seqs: a batch pads at most 7 rows."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # [batch, hidden]: the graph's output, rewritten by every replay
+    prepared: Any  # the backend's per-step state (split plan and its scratch), kept alive
+
+
+class DecodeGraphs:
+    """One captured decode step per batch size, over one KV pool.
+
+    Built after the pool is allocated (graphs hold its address); `memory_bytes` is the device
+    memory capture took (graph pool, library workspaces), for the memory report. Not thread-safe:
+    one engine thread replays.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: AttentionBackend,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+    ):
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.device = kv_caches[0][0].device
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        largest, width = self.sizes[-1], -(-max_model_len // block_size)
+        # Per row: token id, position and slot (int64) and context length (int32, padded to 8
+        # bytes); then room for a step's block tables packed to their own width.
+        self.inputs = torch.empty(largest * (32 + 4 * width), dtype=torch.uint8, device=self.device)
+        self.block_tables = torch.zeros(largest, width, dtype=torch.int32, device=self.device)
+        self.graphs: dict[int, _Graph] = {}
+        self.memory_bytes = 0
+        self.capture_seconds = 0.0
+        self.replays = 0
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size, largest first so the smaller ones reuse its pool memory."""
+        start = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        free_before, _ = torch.cuda.mem_get_info(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            padding = [_padded(np.zeros(0, dtype), size, fill) for dtype, fill in _INPUTS]
+            ids, positions, slots, context_lens = self._stage(padding, np.zeros((size, 1), np.int32))[:4]
+            batch = AttentionBatch(
+                slot_mapping=slots,
+                num_decode_tokens=size,
+                decode_block_tables=self.block_tables[:size],
+                decode_context_lens=context_lens,
+                max_decode_context_len=self.max_model_len,
+                prefill_block_tables=self.block_tables[:0],
+                prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=self.device),
+                prefill_context_lens=context_lens[:0],
+                max_prefill_query_len=0,
+                max_prefill_context_len=0,
+                block_size=self.block_size,
+            )
+            prepared = self.backend.prepare(batch)
+            # Every row is padding (slot -1, context 0): the warm-up compiles kernels and picks
+            # GEMM algorithms outside the capture without touching the KV pool.
+            self.model(ids, positions, self.kv_caches, prepared)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(ids, positions, self.kv_caches, prepared)
+            self.graphs[size] = _Graph(graph, hidden, prepared)
+        torch.cuda.synchronize(self.device)
+        free_after, _ = torch.cuda.mem_get_info(self.device)
+        self.memory_bytes = max(free_before - free_after, 0)
+        self.capture_seconds = time.perf_counter() - start
+
+    def size_for(self, num_seqs: int) -> int | None:
+        """The smallest captured batch size holding `num_seqs` rows (None: too many, run eagerly)."""
+        if num_seqs > self.sizes[-1]:
+            return None
+        return next(s for s in self.sizes if s >= num_seqs)
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        context_lens: np.ndarray,
+        block_tables: np.ndarray,
+    ) -> torch.Tensor:
+        """Replay the decode step for these rows (one token each); hidden states [rows, hidden].
+
+        The result is a view of the graph's output: read it before the next replay.
+        """
+        n = input_ids.shape[0]
+        size = self.size_for(n)
+        assert size is not None, f"{n} rows exceed the largest captured batch {self.sizes[-1]}"
+        rows = (input_ids, positions, slot_mapping, context_lens)
+        padded = [_padded(a, size, fill) for a, (_, fill) in zip(rows, _INPUTS)]
+        views = self._stage(padded, block_tables)
+        # The tables travel packed to this step's width; the graph reads them at full width.
+        self.block_tables[:n, : block_tables.shape[1]].copy_(views[4])
+        entry = self.graphs[size]
+        entry.graph.replay()
+        self.replays += 1
+        return entry.hidden[:n]
+
+    def _stage(self, rows: list[np.ndarray], block_tables: np.ndarray) -> list[torch.Tensor]:
+        """Copy one step's inputs into the static buffer; the layout depends only on the batch
+        size, so a graph finds its inputs where they were at capture."""
+        return stage([*rows, block_tables], self.device, out=self.inputs)
+
+
+# The graph inputs per row, in staging order, and the value a padded row carries.
+_INPUTS = ((np.int64, 0), (np.int64, 0), (np.int64, -1), (np.int32, 0))  # ids, positions, slots, context lens
+
+
+def _padded(a: np.ndarray, size: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out

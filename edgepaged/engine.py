@@ -1,0 +1,417 @@
+"""The engine loop: requests in, one scheduler step at a time, outputs out.
+
+`LLMEngine` is synchronous and single-threaded on purpose; the offline `LLM` front and the
+server's async front both drive it through `add_request` / `step` / `abort_request`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence as Seq
+
+import psutil
+import torch
+
+from .backends.base import AttentionBackend
+from .cache import KVCacheManager
+from .config import DTYPES, EngineConfig
+from .errors import RequestError
+from .models.config import ModelConfig
+from .models.llama import LlamaForCausalLM
+from .memory.enforce import cap_process_memory
+from .memory.planner import MemoryPlan, plan_memory
+from .memory.probe import probe_device
+from .models.loader import DEFAULT_MODEL, generation_eos_ids, load_tokenizer, resolve_model
+from .profiles import DeviceProfile, load_profile
+from .models.weights import load_weights
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .detokenizer import IncrementalDetokenizer
+from .sampling import Sampler, SamplingParams, SamplingRow, make_generator
+from .scheduler import Scheduler
+from .sequence import Request, Sequence, SequenceStatus
+
+
+def make_backend(name: str, cfg: ModelConfig) -> AttentionBackend:
+    args = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+    if name == "torch":
+        from .backends.torch_ref import TorchRefBackend
+
+        return TorchRefBackend(*args)
+    if name == "triton":
+        from .backends.triton import TritonBackend
+
+        return TritonBackend(*args)
+    if name == "tensorrt":
+        raise ValueError("the tensorrt backend runs a prebuilt engine and is not wired into LLMEngine yet; use torch or triton")
+    raise ValueError(f"unknown attention backend {name!r}; choose torch or triton")
+
+
+class LLMEngine:
+    """One model, one fixed KV pool, one scheduler.
+
+    With a device profile the pool is sized by the memory plan (weights and the activation peak
+    measured here, then what the budget leaves); `config.num_kv_blocks` caps it, and without a
+    profile it is the pool size itself.
+    """
+
+    def __init__(self, folder: Path, config: EngineConfig, profile: DeviceProfile | None = None, model_name: str | None = None):
+        self.folder = folder
+        self.model_config = ModelConfig.from_folder(folder)
+        self.config = config
+        self.profile = profile
+        self.model_name = model_name or folder.name
+        self.tokenizer = load_tokenizer(folder)
+        self.max_model_len = min(config.max_model_len, self.model_config.max_context)
+        self.backend = make_backend(config.backend, self.model_config)
+        self.model = LlamaForCausalLM(self.model_config, self.backend, config.dtype, config.device, self.max_model_len)
+        self.weights_bytes = load_weights(self.model, folder)
+        self.runner = ModelRunner(self.model, self.backend, config.block_size)
+        self.memory_plan: MemoryPlan | None = None
+        num_blocks = config.num_kv_blocks
+        if profile is not None:
+            self.memory_plan = plan_for(self, profile, cap_blocks=config.num_kv_blocks)
+            num_blocks = self.memory_plan.num_blocks
+            cap_process_memory(self.memory_plan, config.device)
+        if num_blocks is None:
+            raise ValueError("without a device profile, EngineConfig.num_kv_blocks must give the pool size")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | generation_eos_ids(folder)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids |= {self.tokenizer.eos_token_id}
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.peak_blocks_used = 0
+        self.peak_running = 0
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str | Path | None = None,
+        profile: str | Path | DeviceProfile = "cpu",
+        max_kv_blocks: int | None = None,
+        backend: str | None = None,
+    ) -> LLMEngine:
+        """Build an engine from a model (None: the default model) and a device profile."""
+        prof = load_profile(profile)
+        folder = resolve_model(model)
+        return cls(folder, config_from_profile(prof, max_kv_blocks, backend), prof, model_name=_display_name(model, folder))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(f"model {self.model_name} has no chat template; send a plain prompt")
+        # Sanitising keeps role tokens typed by a user (or found in a RAG document) from acting as roles.
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, sanitize_control_tokens=True
+        )
+        return list(ids)
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty")
+            if self.tokenizer is None:
+                raise RequestError(f"model folder {self.folder} has no tokenizer: pass the prompt as token ids")
+            return list(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+        ids = list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams) -> None:
+        """Queue a request, or refuse it with a reason before it takes any resources."""
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this model folder has none")
+        ids = self.encode(prompt)
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
+        total = min(len(ids) + params.max_tokens, self.max_model_len)
+        capacity = self.kv.pool.num_blocks - len(self.kv.pinned)
+        if self.kv.blocks_needed(total) > capacity:
+            raise RequestError(
+                f"the request needs {self.kv.blocks_needed(total)} KV blocks ({total} tokens) but the pool "
+                f"has {capacity}; shorten the prompt or max_tokens, or give the KV cache more memory"
+            )
+        request = Request(request_id, ids, params, total, self.eos_token_ids)
+        seq = self._new_sequence(request, list(ids), index=0)
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request: Request, token_ids: list[int], index: int) -> Sequence:
+        seq = Sequence(next(self._seq_ids), request, token_ids, index=index)
+        seq.generator = make_generator(request.params.seed, index, self.config.device)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
+        request.sequences.append(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request wherever it is; its blocks go back to the pool at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.sequences:
+            if seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.finish(seq, "abort")
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        result = self.runner.execute(sched, self.kv)
+        for chunk in sched.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.kv.commit(chunk.seq)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.kv.pool.num_used)
+        self.peak_running = max(self.peak_running, len(self.scheduler.running))
+        if result.logits is None:
+            return []
+        seqs, rows = [], []
+        for row, chunk in enumerate(result.sampled):
+            seq = chunk.seq
+            seqs.append(seq)
+            rows.append(row)
+            request = seq.request
+            if request.params.n > 1 and not request.forked:
+                request.forked = True
+                for index in range(1, request.params.n):
+                    child = self._new_sequence(request, list(seq.token_ids), index)
+                    child.num_computed_tokens = seq.num_computed_tokens
+                    self.kv.fork(seq, child)
+                    self.scheduler.add_running(child)
+                    seqs.append(child)
+                    rows.append(row)
+        logits = result.logits if len(rows) == len(result.sampled) else result.logits[torch.tensor(rows, device=result.logits.device)]
+        tokens = self.sampler(logits, [SamplingRow(s.request.params, s.generator) for s in seqs])
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, token in zip(seqs, tokens):
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+                self.prompt_tokens_total += len(request.prompt_token_ids)
+            self._append_token(seq, token)
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            outputs.append(self._output(request))
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        params = seq.request.params
+        reason = None
+        if seq.detokenizer is not None:
+            seq.detokenizer.add(token)
+        if token in params.stop_token_ids or (not params.ignore_eos and token in seq.request.eos_token_ids):
+            reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= seq.request.max_total_tokens:
+            reason = "length"
+        det = seq.detokenizer
+        if det is not None:
+            if reason is not None:
+                det.flush()
+            stop_at = _find_stop(det.text, params.stop, len(det.text) - seq.visible_text_len)
+            if stop_at is not None:
+                det.text = det.text[:stop_at]
+                reason = "stop"
+            holdback = 0 if reason else max((len(s) for s in params.stop), default=1) - 1
+            seq.visible_text_len = max(seq.visible_text_len, len(det.text) - holdback)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.detokenizer.text[: s.visible_text_len] if s.detokenizer else "",
+                token_ids=s.output_token_ids,
+                finish_reason=s.finish_reason,
+            )
+            for s in request.sequences
+        ]
+        metrics = {"arrival_time": request.arrival_time}
+        if request.first_token_time is not None:
+            metrics["first_token_time"] = request.first_token_time
+        return RequestOutput(request.request_id, request.prompt_token_ids, outs, request.finished, metrics)
+
+    # -- introspection -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        pool = self.kv.pool
+        cached = pool.num_cached_free
+        return EngineStats(
+            num_blocks=pool.num_blocks,
+            block_size=self.config.block_size,
+            blocks_used=pool.num_used,
+            blocks_free=pool.num_free - cached,
+            blocks_cached=cached,
+            prefix_hit_rate=self.kv.prefix_hit_rate,
+            prefix_query_tokens=self.kv.prefix_query_tokens,
+            prefix_hit_tokens=self.kv.prefix_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            peak_blocks_used=self.peak_blocks_used,
+            peak_running=self.peak_running,
+        )
+
+    def pin_prefix(self, token_ids: Seq[int]) -> int:
+        """Compute a hot prefix (if not cached yet) and keep its full blocks out of LRU eviction."""
+        ids = self.encode(token_ids)
+        full = (len(ids) // self.config.block_size) * self.config.block_size
+        if full == 0:
+            return 0
+        request_id = f"__pin_{next(self._seq_ids)}"
+        self.add_request(request_id, ids[:full], SamplingParams(max_tokens=1, temperature=0.0))
+        while request_id in self.requests:
+            self.step()
+        return self.kv.pin(ids[:full])
+
+    def unpin_all(self) -> None:
+        self.kv.unpin_all()
+
+    def run_to_completion(self, request_ids: Iterable[str]) -> dict[str, RequestOutput]:
+        pending = set(request_ids)
+        final: dict[str, RequestOutput] = {}
+        while pending:
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    final[out.request_id] = out
+                    pending.discard(out.request_id)
+        return final
+
+
+def config_from_profile(profile: DeviceProfile, max_kv_blocks: int | None = None, backend: str | None = None) -> EngineConfig:
+    kind = profile.device.kind
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"profile {profile.name!r} is for a CUDA GPU and none is available here; use --profile cpu")
+    if profile.kv_dtype != profile.model.dtype:
+        raise ValueError(f"profile {profile.name!r}: a KV dtype other than the model dtype is not supported yet")
+    return EngineConfig(
+        device=torch.device("cuda" if kind == "cuda" else "cpu"),
+        dtype=DTYPES[profile.model.dtype],
+        backend=backend or profile.backend,
+        block_size=profile.kv_cache.block_size,
+        num_kv_blocks=max_kv_blocks,
+        max_model_len=profile.scheduler.max_model_len,
+        max_num_seqs=profile.scheduler.max_num_seqs,
+        max_num_batched_tokens=profile.scheduler.max_num_batched_tokens,
+        enable_prefix_caching=profile.scheduler.enable_prefix_caching,
+    )
+
+
+def measure_activation_and_overhead(runner: ModelRunner, config: EngineConfig, max_model_len: int, weights_bytes: int) -> tuple[int, int]:
+    """Run the profile step and read what it took, with what the runtime itself holds.
+
+    CUDA: the allocator's peak over the run, and the driver's used memory that the allocator
+    does not account for (context, cuBLAS workspaces). CPU: the resident set's peak over the
+    run above where it started, and the resident set beyond the weights before it.
+    """
+    args = (config.max_num_batched_tokens, config.max_num_seqs, max_model_len)
+    if config.device.type == "cuda":
+        dev = config.device
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        runner.profile_run(*args)
+        torch.cuda.synchronize(dev)
+        activation = torch.cuda.max_memory_allocated(dev) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        overhead = max(total - free - torch.cuda.memory_reserved(dev), 0)
+        return activation, overhead
+    rss = psutil.Process().memory_info().rss
+    with _PeakRss() as peak:
+        runner.profile_run(*args)
+    return max(peak.bytes - rss, 0), max(rss - weights_bytes, 0)
+
+
+class _PeakRss:
+    """Samples the resident set while a block runs: the CPU allocator keeps no peak statistic,
+    and the process's lifetime high-water mark may predate the block."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s = interval_s
+        self.bytes = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.bytes = max(self.bytes, proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> _PeakRss:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.bytes = max(self.bytes, psutil.Process().memory_info().rss)
+
+
+def plan_for(engine: LLMEngine, profile: DeviceProfile, cap_blocks: int | None) -> MemoryPlan:
+    activation, overhead = measure_activation_and_overhead(engine.runner, engine.config, engine.max_model_len, engine.weights_bytes)
+    dtype_bytes = torch.empty(0, dtype=engine.config.dtype).element_size()
+    return plan_memory(
+        profile,
+        probe_device(profile, engine.config.device),
+        weights_bytes=engine.weights_bytes,
+        activation_bytes=activation,
+        overhead_bytes=overhead,
+        kv_bytes_per_token=engine.model_config.kv_bytes_per_token(dtype_bytes),
+        max_kv_blocks=cap_blocks,
+        max_model_len=engine.max_model_len,
+    )
+
+
+def measure_plan(model: str | Path | None, profile: str | Path | DeviceProfile) -> MemoryPlan:
+    """The uncapped memory plan for `model` on this device under `profile` (`edgepaged profile show`)."""
+    engine = LLMEngine.from_model(model, profile, max_kv_blocks=1)
+    return plan_for(engine, engine.profile, cap_blocks=None)
+
+
+def _display_name(model: str | Path | None, folder: Path) -> str:
+    return DEFAULT_MODEL if model is None or str(model) in ("", "default", DEFAULT_MODEL) else folder.name
+
+
+def _find_stop(text: str, stops: list[str], new_chars: int) -> int | None:
+    """Where the earliest stop string starts, looking only where new text could complete one."""
+    if not stops:
+        return None
+    best = None
+    for stop in stops:
+        start = max(0, len(text) - new_chars - len(stop) + 1)
+        at = text.find(stop, start)
+        if at != -1 and (best is None or at < best):
+            best = at
+    return best

@@ -1,0 +1,47 @@
+"""What the engine hands back: shaped like vLLM's outputs so callers already know them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # None while running, then "stop" | "length" | "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Pool and scheduler counters; used + free + cached == num_blocks."""
+
+    num_blocks: int
+    block_size: int
+    blocks_used: int
+    blocks_free: int
+    blocks_cached: int
+    prefix_hit_rate: float
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+    num_running: int
+    num_waiting: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    peak_blocks_used: int
+    peak_running: int

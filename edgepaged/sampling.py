@@ -1,0 +1,123 @@
+"""What a request asks the sampler for, and the batched sampler itself.
+
+Every row of a batch carries its own parameters, so greedy, temperature, top-k/top-p and seeded
+requests share one step. A seeded row draws its noise from its own generator; that generator
+lives on the sequence, so a request preempted and recomputed draws exactly what it would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request sampling settings, named and defaulted as in vLLM so users know them."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or [])]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+        )
+        _check(
+            isinstance(self.temperature, (int, float)) and self.temperature >= 0,
+            f"temperature must be >= 0, got {self.temperature!r}",
+        )
+        _check(
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+            f"top_p must be in (0, 1], got {self.top_p!r}",
+        )
+        _check(
+            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+            f"top_k must be -1 (off) or >= 1, got {self.top_k!r}",
+        )
+        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    params: SamplingParams
+    generator: torch.Generator | None = field(default=None)
+
+
+class Sampler:
+    """Turns one logits row per sampled sequence into one token id per row."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+        logits = logits.float()
+        greedy_tokens = logits.argmax(dim=-1)
+        if all(r.params.greedy for r in rows):
+            return greedy_tokens.tolist()
+        device = logits.device
+        temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)
+        logits = logits / temps.unsqueeze(1)
+        top_k = [r.params.top_k for r in rows]
+        top_p = [r.params.top_p for r in rows]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _mask_top_k_top_p(logits, top_k, top_p)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=device).exponential_()
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                noise[i].exponential_(generator=r.generator)
+        # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
+        sampled = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([r.params.greedy for r in rows], device=device)
+        return torch.where(is_greedy, greedy_tokens, sampled).tolist()
+
+
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Set every logit outside each row's top-k and nucleus to -inf (one sort for both)."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device).unsqueeze(1)
+    drop = ranks >= k
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already cover p; the top token always stays.
+    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def make_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+    """A generator for sample `index` of a seeded request: distinct per sample, fixed per seed."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + index) & 0xFFFF_FFFF_FFFF)
+    return gen

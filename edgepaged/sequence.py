@@ -1,0 +1,71 @@
+"""Request and sequence state, shared by the scheduler and the engine.
+
+A request owns one sequence until its prompt is prefilled; with n > 1 it then forks into n
+sequences that share the prompt's blocks. The scheduler only ever sees sequences.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_total_tokens: int  # prompt + output, capped by the model's context length
+    eos_token_ids: frozenset[int]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    sequences: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        # Before an n > 1 request forks only its parent exists; it is not done until all n are.
+        complete = self.forked or self.params.n == 1
+        return complete and all(s.status is SequenceStatus.FINISHED for s in self.sequences)
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    token_ids: list[int]
+    index: int = 0  # which of the request's n samples this is
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    visible_text_len: int = 0  # how much of the detokenized text may be shown (stop holdback)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens

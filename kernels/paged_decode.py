@@ -1,0 +1,428 @@
+"""Paged decode attention: one query token per sequence against its paged K/V.
+
+Decode is bound by reading the KV cache, so the kernel is organised around loading each K/V
+tile exactly once: a program owns one (sequence, KV head) pair and all the query heads that
+share that KV head (GQA), padded to 16 rows, the height of one tensor-core MMA. Batch 1 with a long
+context would then leave most of the GPU idle, so the context can also be split across programs
+(flash-decoding): each split writes an unnormalised partial result with its running max and sum,
+and a small second kernel merges the splits.
+
+Launch contract (shared with the TensorRT plugin, which launches the same PTX): pointers,
+integers and compile-time constants only. The softmax scale is a constant because a TensorRT
+ahead-of-time launch can only pass integer arguments, and it is fixed per model anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# A split should stream enough of the cache to hide its launch and merge cost.
+_MIN_SPLIT_TOKENS = 256
+_MAX_SPLITS = 64
+# Split lengths are multiples of every decode tile width, so a plan fits any dtype.
+_SPLIT_ALIGN = 64
+SPLIT_ALIGN = tl.constexpr(_SPLIT_ALIGN)
+
+
+@triton.jit
+def attend_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    kv_head_offset_k,
+    kv_head_offset_v,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    start,
+    key_end,
+    q_pos,
+    offs_d,
+    d_mask,
+    MASK_KEYS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys [start, start + BLOCK_N) of one sequence.
+
+    Keys are gathered token by token through the block table, so a tile may span several
+    KV blocks and BLOCK_N does not depend on the cache's block size. Scores live in the log2
+    domain (QK_SCALE carries log2(e)) so the exponentials are plain exp2. Tiles that lie wholly
+    inside the visible range skip every mask (MASK_KEYS=False, CAUSAL=False); only the tail
+    tile, and in prefill the diagonal tiles, pay for them. Masked keys are loaded as zeros so a
+    stale or poisoned slot past the context never reaches the value accumulation. `q_pos` holds
+    each query row's position and is read only when CAUSAL.
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASK_KEYS:
+        key_ok = offs_n < key_end
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=key_ok, other=0)
+    else:
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+    token_offset = block_ids.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks
+    k_ptrs = k_cache_ptr + kv_head_offset_k + token_offset[:, None] + offs_d[None, :]
+    value_offset = block_ids.to(tl.int64) * stride_vb + (offs_n % BLOCK_SIZE) * stride_vs
+    v_ptrs = v_cache_ptr + kv_head_offset_v + value_offset[:, None] + offs_d[None, :]
+    if MASK_KEYS:
+        kv_mask = key_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
+    if CAUSAL:
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < key_end), s, float("-inf"))
+    elif MASK_KEYS:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _split_len(context_len, num_splits, min_split_len):
+    """Keys per split for one sequence: its context over `num_splits`, rounded up to
+    SPLIT_ALIGN keys, and never below `min_split_len`. Each sequence is cut for its own length,
+    not the batch's longest, so a plan sized for a long context (a captured graph's worst
+    case) splits a short one just as a plan made for that short one would."""
+    return tl.maximum(tl.cdiv(tl.cdiv(context_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN, min_split_len)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    partial_out_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    queries_per_kv,
+    split_len,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """Grid (sequence, KV head, split). Without SPLIT the one split covers the whole context
+    and the program writes the normalised output; with SPLIT it writes its partial state."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_q_heads = tl.num_programs(1) * queries_per_kv
+    num_splits = tl.num_programs(2)
+
+    context_len = tl.load(context_lens_ptr + seq)
+    if SPLIT:
+        seq_split_len = _split_len(context_len, num_splits, split_len)
+        start = split * seq_split_len
+        if start >= context_len:
+            return  # the merge kernel only reads splits that hold keys
+        end = tl.minimum(start + seq_split_len, context_len)
+    else:
+        start = 0
+        end = context_len
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    head = kv_head * queries_per_kv + offs_g
+    row_ok = offs_g < queries_per_kv
+    seq64 = seq.to(tl.int64)
+    q = tl.load(
+        q_ptr + seq64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    block_table_ptr = block_tables_ptr + seq64 * stride_bt
+    k_head = kv_head.to(tl.int64) * stride_kh
+    v_head = kv_head.to(tl.int64) * stride_vh
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for n in range(start, full_end, BLOCK_N):
+        m_i, l_i, acc = attend_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, n, end, offs_g, offs_d, d_mask,
+            False, False, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION,
+        )
+    if full_end < end:
+        m_i, l_i, acc = attend_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, full_end, end, offs_g, offs_d, d_mask,
+            True, False, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION,
+        )
+
+    if SPLIT:
+        row = (seq64 * num_q_heads + head) * num_splits + split
+        tl.store(partial_max_ptr + row, m_i, mask=row_ok)
+        tl.store(partial_sum_ptr + row, l_i, mask=row_ok)
+        tl.store(
+            partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+            acc,
+            mask=row_ok[:, None] & d_mask[None, :],
+        )
+    else:
+        # An empty context (a padded row of a captured batch) yields zeros, not 0/0.
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + seq64 * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_mask[None, :],
+        )
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr,
+    partial_out_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    context_lens_ptr,
+    split_len,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Grid (sequence, query head): rescale each split's partial state to the global max and
+    normalise once. Splits past the context were never written, so they are masked by count."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    num_q_heads = tl.num_programs(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    used = tl.cdiv(context_len, _split_len(context_len, num_splits, split_len))
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < used
+    row = (seq.to(tl.int64) * num_q_heads + head) * num_splits + offs_s
+    m = tl.load(partial_max_ptr + row, mask=s_ok, other=float("-inf"))
+    l = tl.load(partial_sum_ptr + row, mask=s_ok, other=0.0)
+    part = tl.load(
+        partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+    total = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(
+        out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+@dataclass(slots=True)
+class DecodePlan:
+    """How one decode step is split over the context, plus the scratch the splits write to.
+
+    Built once per step (the backend's `prepare`) and shared by every layer, so the per-layer
+    launch allocates nothing. A plan made for `max_context_len` serves any batch whose contexts
+    are no longer: each sequence divides its own context over `num_splits` (in the kernel, see
+    `_split_len`), and splits past its context return at once. That is what lets a CUDA graph
+    captured with a worst-case plan replay for short contexts without losing parallelism.
+    """
+
+    num_seqs: int
+    num_q_heads: int
+    head_dim: int
+    split_len: int  # the fewest keys a split may hold; a sequence's own split length is derived from it
+    num_splits: int
+    partial_out: torch.Tensor | None  # fp32 [num_seqs, num_q_heads, num_splits, head_dim]
+    partial_max: torch.Tensor | None  # fp32 [num_seqs, num_q_heads, num_splits], log2 domain
+    partial_sum: torch.Tensor | None  # fp32 [num_seqs, num_q_heads, num_splits]
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _decode_tiles(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages). fp32 dots run on FMA units and hold whole tiles in
+    registers, so fp32 takes 16-key tiles over 8 warps to stay clear of spills (checked in the
+    sm_86/sm_90 cubins for head dims 64 and 128); 16-bit tiles of 64 keys fit 4 warps without
+    spilling. Every BLOCK_N here must divide _SPLIT_ALIGN."""
+    return (16, 8, 2) if dtype == torch.float32 else (64, 4, 2)
+
+
+def plan_decode(
+    num_seqs: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_context_len: int,
+    device: torch.device | str,
+    *,
+    num_splits: int | None = None,
+) -> DecodePlan:
+    """Choose the split of the context for a decode step and allocate its scratch.
+
+    The heuristic only splits when the (sequence, KV head) programs alone cannot fill the GPU
+    twice over, and never below _MIN_SPLIT_TOKENS keys per split: at batch 1 a 4k context gets
+    16 splits on an H100, at batch 256 none. `num_splits` overrides it (tests use that to
+    exercise the split path on small shapes); the count may come out lower once split lengths
+    are rounded up to _SPLIT_ALIGN. Shorter sequences of the batch get shorter splits, down to
+    _MIN_SPLIT_TOKENS keys (or the longest one's split, if that is shorter).
+    """
+    device = torch.device(device)
+    max_context_len = max(max_context_len, 1)
+    if num_splits is None:
+        programs = max(num_seqs * num_kv_heads, 1)
+        wanted = triton.cdiv(2 * _sm_count(device), programs)
+        num_splits = min(wanted, triton.cdiv(max_context_len, _MIN_SPLIT_TOKENS), _MAX_SPLITS)
+    num_splits = max(1, num_splits)
+    longest_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    num_splits = triton.cdiv(max_context_len, longest_split)
+    min_split_len = min(longest_split, _MIN_SPLIT_TOKENS)
+    if num_splits == 1:
+        return DecodePlan(num_seqs, num_q_heads, head_dim, min_split_len, 1, None, None, None)
+    shape = (num_seqs, num_q_heads, num_splits)
+    return DecodePlan(
+        num_seqs,
+        num_q_heads,
+        head_dim,
+        min_split_len,
+        num_splits,
+        torch.empty(*shape, head_dim, dtype=torch.float32, device=device),
+        torch.empty(shape, dtype=torch.float32, device=device),
+        torch.empty(shape, dtype=torch.float32, device=device),
+    )
+
+
+def check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """Validate shapes and dtypes (metadata only: no device sync); returns queries per KV head."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k/v caches must be [blocks, block_size, kv_heads, head_dim], got {tuple(k_cache.shape)}")
+    if q.dim() != 3 or q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"q must be [tokens, heads, {k_cache.shape[3]}], got {tuple(q.shape)}")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"q and caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
+    if q.shape[2] > 128:
+        raise ValueError(f"head_dim {q.shape[2]} > 128: the tiles are sized for head dims up to 128")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the head dimension must be contiguous")
+    block_size = k_cache.shape[1]
+    if block_size & (block_size - 1):
+        raise ValueError(f"block size must be a power of two, got {block_size}")
+    return q.shape[1] // k_cache.shape[2]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots (tf32 would cost fp32 parity); 16-bit ones ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    plan: DecodePlan | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence, q [B, Hq, D], over its paged keys; returns [B, Hq, D].
+
+    Without a plan the split is sized for the widest context the block table can describe
+    (its width times the block size), which needs no device sync.
+    """
+    queries_per_kv = check_paged_inputs(q, k_cache, v_cache)
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous head dim")
+    if plan is None:
+        max_context = block_tables.shape[1] * block_size
+        plan = plan_decode(num_seqs, num_q_heads, num_kv_heads, head_dim, max_context, q.device)
+    elif (plan.num_seqs, plan.num_q_heads, plan.head_dim) != (num_seqs, num_q_heads, head_dim):
+        raise ValueError("the decode plan was made for a different batch shape")
+    if num_seqs == 0:
+        return out
+
+    split = plan.num_splits > 1
+    scratch = (plan.partial_out, plan.partial_max, plan.partial_sum) if split else (out, out, out)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n, num_warps, num_stages = _decode_tiles(q.dtype)
+    _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
+        out, q, k_cache, v_cache, block_tables, context_lens, *scratch,
+        queries_per_kv, plan.split_len,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_G=max(16, triton.next_power_of_2(queries_per_kv)),
+        BLOCK_N=block_n,
+        BLOCK_SIZE=block_size,
+        QK_SCALE=float(scale) * LOG2E,
+        DOT_PRECISION=dot_precision(q.dtype),
+        SPLIT=split,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if split:
+        _merge_splits_kernel[(num_seqs, num_q_heads)](
+            out, *scratch, context_lens, plan.split_len, plan.num_splits,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(plan.num_splits),
+            num_warps=4,
+        )
+    return out

