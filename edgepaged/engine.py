@@ -45,9 +45,7 @@ def make_backend(name: str, cfg: ModelConfig) -> AttentionBackend:
         from .backends.triton import TritonBackend
 
         return TritonBackend(*args)
-    if name == "tensorrt":
-        raise ValueError("the tensorrt backend runs a prebuilt engine and is not wired into LLMEngine yet; use torch or triton")
-    raise ValueError(f"unknown attention backend {name!r}; choose torch or triton")
+    raise ValueError(f"unknown attention backend {name!r}; choose torch, triton or tensorrt")
 
 
 class LLMEngine:
@@ -66,9 +64,18 @@ class LLMEngine:
         self.model_name = model_name or folder.name
         self.tokenizer = load_tokenizer(folder)
         self.max_model_len = min(config.max_model_len, self.model_config.max_context)
-        self.backend = make_backend(config.backend, self.model_config)
-        self.model = LlamaForCausalLM(self.model_config, self.backend, config.dtype, config.device, self.max_model_len)
-        self.weights_bytes = load_weights(self.model, folder)
+        if config.backend == "tensorrt":
+            if profile is None:
+                raise ValueError("the tensorrt backend builds its engine for a device profile; pass one")
+            from .backends.tensorrt.runtime import load_tensorrt_model
+
+            self.model, self.backend = load_tensorrt_model(folder, profile, config.device)
+            # The engine's weights live outside torch, where the planner counts them as overhead.
+            self.weights_bytes = self.model.resident_bytes
+        else:
+            self.backend = make_backend(config.backend, self.model_config)
+            self.model = LlamaForCausalLM(self.model_config, self.backend, config.dtype, config.device, self.max_model_len)
+            self.weights_bytes = load_weights(self.model, folder)
         self.runner = ModelRunner(self.model, self.backend, config.block_size)
         self.memory_plan: MemoryPlan | None = None
         num_blocks = config.num_kv_blocks
@@ -194,8 +201,7 @@ class LLMEngine:
             seqs.append(seq)
             rows.append(row)
             request = seq.request
-            if request.params.n > 1 and not request.forked:
-                request.forked = True
+            if request.needs_fork:
                 for index in range(1, request.params.n):
                     child = self._new_sequence(request, list(seq.token_ids), index)
                     child.num_computed_tokens = seq.num_computed_tokens

@@ -32,13 +32,17 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     sequences: list[Sequence] = field(default_factory=list)
-    forked: bool = False
+
+    @property
+    def needs_fork(self) -> bool:
+        """An n > 1 request runs one sequence until its prompt is prefilled, then forks."""
+        return len(self.sequences) < self.params.n
 
     @property
     def finished(self) -> bool:
-        # Before an n > 1 request forks only its parent exists; it is not done until all n are.
-        complete = self.forked or self.params.n == 1
-        return complete and all(s.status is SequenceStatus.FINISHED for s in self.sequences)
+        if not all(s.status is SequenceStatus.FINISHED for s in self.sequences):
+            return False
+        return not self.needs_fork or any(s.finish_reason == "abort" for s in self.sequences)
 
 
 @dataclass(slots=True, eq=False)

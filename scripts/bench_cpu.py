@@ -91,6 +91,7 @@ def main() -> int:
         rows["ep_many"].append(len(many) * n / wall)
         wall, _ = hf_run(hf, many, n)
         rows["hf_many"].append(len(many) * n / wall)
+        print({k: round(v[-1], 2) for k, v in rows.items()}, flush=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
     result = {
         "date": dt.date.today().isoformat(),

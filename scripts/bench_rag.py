@@ -13,12 +13,11 @@ Retrieval runs once; every mode then serves the same questions on a fresh engine
 - canonical: passages by (document, chunk) — the layout edgepaged uses
 - score:     passages best match first — the usual RAG layout, the baseline
 - no-cache:  canonical, with prefix caching off (a profile that `extends` the chosen one)
-- padded:    canonical with every passage starting on a KV-block boundary
 
 Reported per mode: prefix-hit rate, KV blocks in use (mean and peak over steps), TTFT
 (median, p90) and throughput. Writes docs/benchmarks/rag-<card>-<date>.md and .json.
 
-    python scripts/bench_rag.py                                     # CPU: 32 questions, 16 tokens
+    python scripts/bench_rag.py                                     # CPU: 48 questions, 8 tokens
     python scripts/bench_rag.py --profile h100-80gb --backend triton # GPU: 200 questions, 32 tokens
 """
 
@@ -29,6 +28,7 @@ import importlib
 import inspect
 import json
 import math
+import os
 import random
 import shlex
 import statistics
@@ -49,6 +49,7 @@ from edgepaged import SamplingParams  # noqa: E402
 from edgepaged.cache.block_pool import hash_block_tokens  # noqa: E402
 from edgepaged.engine import LLMEngine  # noqa: E402
 from edgepaged.models.loader import load_tokenizer, resolve_model  # noqa: E402
+from edgepaged.profiles import load_profile  # noqa: E402
 from edgepaged.rag import (  # noqa: E402
     ChunkOrder,
     Embedder,
@@ -67,7 +68,7 @@ MODULES = (
     "posixpath pprint queue random secrets shlex shutil statistics string tempfile textwrap "
     "urllib.parse uuid zipfile zlib"
 ).split()
-MODES = ("canonical", "score", "no-cache", "padded")
+MODES = ("canonical", "score", "no-cache")
 
 
 @dataclass(slots=True)
@@ -236,7 +237,9 @@ def write_report(meta: dict, results: list[ModeResult], out_dir: Path) -> tuple[
         f"{meta['concurrency']} in flight. Corpus: {meta['corpus_files']} standard-library module docs, "
         f"{meta['corpus_chunks']} chunks of up to {meta['chunk_tokens']} tokens. Retrieval: "
         f"{meta['retrieval_ms_per_question']:.1f} ms per question, right module among the passages for "
-        f"{100 * meta['retrieval_hit_rate']:.0f}% of questions.",
+        f"{100 * meta['retrieval_hit_rate']:.0f}% of questions. Load average (1 min) before / after the runs: "
+        f"{meta['load_average_1min'][0]:.1f} / {meta['load_average_1min'][1]:.1f} (other work on the machine slows "
+        "the modes unevenly).",
         "",
         "Ideal reuse: the share of prompt tokens an unbounded prefix cache would serve with one request at a "
         "time (what the layout allows); prefix-hit rate: what the engine served in this run.",
@@ -265,8 +268,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: the default model)")
     parser.add_argument("--profile", default="cpu", help="device profile name or YAML path")
     parser.add_argument("--backend", default=None, help="attention backend (default: the profile's)")
-    parser.add_argument("--questions", type=int, default=None, help="default 200 on a GPU, 32 on CPU")
-    parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per answer; default 32 on a GPU, 16 on CPU")
+    parser.add_argument("--questions", type=int, default=None, help="default 200 on a GPU, 48 on CPU")
+    parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per answer; default 32 on a GPU, 8 on CPU")
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--chunk-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
@@ -279,9 +282,9 @@ def main() -> None:
 
     import torch
 
-    on_gpu = torch.cuda.is_available() and not args.profile.startswith("cpu")
-    n_questions = args.questions or (200 if on_gpu else 32)
-    max_tokens = args.max_tokens or (32 if on_gpu else 16)
+    on_gpu = load_profile(args.profile).device.kind == "cuda"
+    n_questions = args.questions or (200 if on_gpu else 48)
+    max_tokens = args.max_tokens or (32 if on_gpu else 8)
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown or "canonical" not in modes:
@@ -314,15 +317,15 @@ def main() -> None:
             found += any(h.chunk.path == f"{entry.module}.md" for h in hits)
         retrieval_ms = 1000 * (time.perf_counter() - t) / len(questions)
 
+        load_before = os.getloadavg()[0]
         results = []
         for mode in modes:
             # A fresh engine per mode: no mode starts with another's cache.
             profile = no_cache_profile(args.profile, tmp) if mode == "no-cache" else args.profile
             engine = LLMEngine.from_model(args.model, profile, max_kv_blocks=args.max_kv_blocks, backend=args.backend)
-            block_size = engine.config.block_size
+            block_size, backend = engine.config.block_size, engine.config.backend
             order = ChunkOrder.SCORE if mode == "score" else ChunkOrder.CANONICAL
-            pad_to = block_size if mode == "padded" else None
-            prompts = [render_prompt(tokenizer, build_prompt(q, hits, order=order), pad_to).token_ids for q, hits in retrieved]
+            prompts = [render_prompt(tokenizer, build_prompt(q, hits, order=order)).token_ids for q, hits in retrieved]
             ideal = ideal_reuse(prompts, block_size) if mode != "no-cache" else 0.0
             result = run_mode(mode, engine, prompts, max_tokens, args.concurrency, ideal)
             results.append(result)
@@ -339,7 +342,7 @@ def main() -> None:
             "command": shlex.join(["python", "scripts/bench_rag.py", *sys.argv[1:]]),
             "model": args.model or "SmolLM2-135M-Instruct (default)",
             "profile": args.profile,
-            "backend": args.backend or "profile default",
+            "backend": backend,
             "block_size": block_size,
             "questions": len(retrieved),
             "top_k": args.top_k,
@@ -351,6 +354,7 @@ def main() -> None:
             "retrieval_ms_per_question": retrieval_ms,
             "retrieval_hit_rate": found / max(1, len(retrieved)),
             "torch": torch.__version__,
+            "load_average_1min": [load_before, os.getloadavg()[0]],  # before and after the runs
         }
         store.close()
     md, js = write_report(meta, results, args.out)

@@ -198,3 +198,10 @@ def test_pin_prefix_survives_lru_pressure(tiny_model_dir):
     assert eng.kv.prefix_hit_tokens - before == 64
     eng.unpin_all()
     assert eng.kv.pool.num_used == 0
+
+
+def test_abort_before_fork_finishes_an_n_request(engine):
+    engine.add_request("n3", list(range(1, 300)), SamplingParams(n=3, max_tokens=5, ignore_eos=True))
+    out = engine.abort_request("n3")
+    assert out.finished and [o.finish_reason for o in out.outputs] == ["abort"]
+    assert engine.kv.pool.num_used == 0

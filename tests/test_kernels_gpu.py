@@ -59,13 +59,12 @@ def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what
     assert err < TOLERANCE[dtype], f"{what}: relative error {err:.2e} >= {TOLERANCE[dtype]:.0e}"
 
 
-def _decode(kv, dtype, group, num_splits, seed):
+def _decode(kv, dtype, group, num_splits, seed, plan_context=0):
     g = torch.Generator().manual_seed(seed)
     num_seqs, num_q_heads, head_dim = kv.context_lens.shape[0], NUM_KV_HEADS * group, kv.k_cache.shape[3]
     q = torch.randn(num_seqs, num_q_heads, head_dim, generator=g).to(dtype).cuda()
-    plan = plan_decode(
-        num_seqs, num_q_heads, NUM_KV_HEADS, head_dim, int(kv.context_lens.max()), "cuda", num_splits=num_splits
-    )
+    plan_len = max(plan_context, int(kv.context_lens.max()))
+    plan = plan_decode(num_seqs, num_q_heads, NUM_KV_HEADS, head_dim, plan_len, "cuda", num_splits=num_splits)
     for scratch in (plan.partial_out, plan.partial_max, plan.partial_sum):
         if scratch is not None:
             scratch.fill_(float("nan"))
@@ -99,6 +98,17 @@ def test_decode_long_contexts(lens, dtype):
     out, ref, plan = _decode(kv, dtype, 4, None, seed=13)
     assert plan.num_splits > 1
     _assert_close(out, ref, dtype, f"decode with {plan.num_splits} splits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_decode_with_a_plan_for_the_longest_context(dtype):
+    """A captured graph plans for the engine's longest context (32k here); each sequence then cuts
+    its own context into splits, from none (a padded row) to all of them."""
+    g = torch.Generator().manual_seed(14)
+    kv = random_paged_kv([0, 1, 16, 777, 2063, 5000], 16, NUM_KV_HEADS, 64, dtype, "cuda", g)
+    out, ref, plan = _decode(kv, dtype, 4, None, seed=15, plan_context=32768)
+    assert plan.num_splits > 1
+    _assert_close(out, ref, dtype, f"decode planned for 32k ({plan.num_splits} splits)")
 
 
 def _prefill(kv, query_lens, dtype, group, seed):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from .build import build
+from .doctor import doctor
 from .generate import generate
 from .profile import app as profile_app
 from .serve import serve
@@ -16,6 +18,8 @@ app = typer.Typer(
 )
 app.command()(generate)
 app.command()(serve)
+app.command()(build)
+app.command()(doctor)
 app.add_typer(profile_app, name="profile", help="Device profiles and the memory plan they give.")
 
 

@@ -21,7 +21,7 @@ from ..rag import (
     Retriever,
     index_directory,
 )
-from ..rag.chunking import DEFAULT_MAX_FILE_BYTES
+from ..rag.store import DEFAULT_MAX_FILE_BYTES
 from ..sampling import SamplingParams
 
 app = typer.Typer(help="Answer questions from a local folder of text, Markdown and HTML files.", no_args_is_help=True)

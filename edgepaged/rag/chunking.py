@@ -20,7 +20,6 @@ TEXT_SUFFIXES = frozenset({".txt", ".text"})
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 HTML_SUFFIXES = frozenset({".html", ".htm"})
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES
-DEFAULT_MAX_FILE_BYTES = 5 * 1024 * 1024
 
 
 class CorpusError(EdgepagedError):

@@ -6,6 +6,8 @@ same for every request), then the retrieved chunks sorted by (document path, chu
 then the question (different every time, so last). Sorting by document rather than by score
 means two questions that retrieve the same chunks, in whatever score order, produce the same
 prefix token for token. The score-ordered layout is kept as the benchmark's baseline.
+Padding passages to KV-block boundaries was measured too, and dropped: it cost more tokens
+than it saved (docs/rag.md).
 """
 
 from __future__ import annotations
@@ -84,13 +86,9 @@ class RenderedPrompt:
     prefix_ends: list[int]
 
 
-def render_prompt(tokenizer, prompt: RagPrompt, pad_to: int | None = None) -> RenderedPrompt:
+def render_prompt(tokenizer, prompt: RagPrompt) -> RenderedPrompt:
     """Apply the chat template and tokenize once, exactly as a chat endpoint would, then map
-    the prompt's prefix cuts onto token positions.
-
-    `pad_to` (a KV block size) inserts newline tokens after each prefix so the next passage
-    starts on a block boundary.
-    """
+    the prompt's prefix cuts onto token positions."""
     text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
@@ -99,16 +97,4 @@ def render_prompt(tokenizer, prompt: RagPrompt, pad_to: int | None = None) -> Re
         # A template that rewrites the content: nothing to pin, the prompt is still right.
         return RenderedPrompt(ids, [])
     ends = [o[1] for o in encoding["offset_mapping"]]
-    token_cuts = [bisect_right(ends, start + cut) for cut in prompt.prefix_cuts]
-    if not pad_to:
-        return RenderedPrompt(ids, token_cuts)
-    filler = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
-    padded: list[int] = []
-    padded_cuts: list[int] = []
-    previous = 0
-    for cut in token_cuts:
-        padded += ids[previous:cut]
-        padded += [filler] * (-len(padded) % pad_to)
-        padded_cuts.append(len(padded))
-        previous = cut
-    return RenderedPrompt(padded + ids[previous:], padded_cuts)
+    return RenderedPrompt(ids, [bisect_right(ends, start + cut) for cut in prompt.prefix_cuts])

@@ -20,7 +20,6 @@ import numpy as np
 
 from edgepaged.errors import EdgepagedError
 from edgepaged.rag.chunking import (
-    DEFAULT_MAX_FILE_BYTES,
     SkippedFile,
     TextChunk,
     Tokenizer,
@@ -29,6 +28,8 @@ from edgepaged.rag.chunking import (
     document_text,
 )
 from edgepaged.rag.embed import Embedder
+
+DEFAULT_MAX_FILE_BYTES = 5 * 1024 * 1024  # ~1.3M tokens of English: beyond that, likely a log or a dump
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -209,8 +210,8 @@ class ChunkSettings:
     here makes the next run re-chunk every file."""
 
     tokenizer: str
-    chunk_tokens: int = 192
-    overlap: int = 32
+    chunk_tokens: int
+    overlap: int
 
     def to_json(self) -> str:
         return json.dumps({"tokenizer": self.tokenizer, "chunk_tokens": self.chunk_tokens, "overlap": self.overlap})
@@ -251,7 +252,6 @@ def index_directory(
     with store.transaction():
         store.conn.executemany("DELETE FROM documents WHERE path = ?", ((p,) for p in gone))
         store._set_meta("chunking", settings.to_json())
-        store._set_meta("root", str(root.resolve()))
     report.removed.extend(gone)
     return report
 

@@ -12,7 +12,9 @@ imports nothing heavy, so `edgepaged doctor` can ask on any machine.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -34,10 +36,12 @@ def parse_version(text: str) -> tuple[int, ...]:
     """Leading numeric fields of a version string: "10.13.0.35" -> (10, 13, 0, 35)."""
     parts = []
     for field in text.split("."):
-        digits = "".join(c for c in field if c.isdigit()) if field[:1].isdigit() else ""
-        if not digits:
+        digits = re.match(r"\d+", field)
+        if digits is None:
             break
-        parts.append(int(digits))
+        parts.append(int(digits.group()))
+        if digits.end() < len(field):  # "0a1": a pre-release tag ends the numeric part
+            break
     return tuple(parts)
 
 
@@ -75,3 +79,15 @@ def import_tensorrt(importer: Callable[[str], ModuleType] = importlib.import_mod
             f"{'.'.join(map(str, MIN_TENSORRT_VERSION))}); {install_hint(jetson)}"
         )
     return trt
+
+
+def cuda_driver_version() -> str | None:
+    """The CUDA version the installed driver supports ("12.6"), or None without a driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"

@@ -111,9 +111,9 @@ class _Graph:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def op(self, op_type: str, inputs: list[str], num_outputs: int = 1, domain: str = "", **attrs) -> list[str]:
+    def op(self, op_type: str, inputs: list[str], num_outputs: int = 1, **attrs) -> list[str]:
         outputs = [self.name(op_type.lower()) for _ in range(num_outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain, **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), **attrs))
         return outputs
 
     def op1(self, op_type: str, *inputs: str, **attrs) -> str:
@@ -167,6 +167,7 @@ def build_graph(model: LlamaForCausalLM, block_size: int) -> onnx.ModelProto:
     mlp_split = g.ints([cfg.intermediate_size, cfg.intermediate_size])
 
     x = HIDDEN_IN
+    attention_outputs = []  # typed for shape inference: nothing else knows the custom op's outputs
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         attn = layer.self_attn
@@ -176,6 +177,7 @@ def build_graph(model: LlamaForCausalLM, block_size: int) -> onnx.ModelProto:
         k = g.rope(g.op1("Reshape", k, kv_shape), cos, sin, dim // 2)
         v = g.op1("Reshape", v, kv_shape)
         out = g.name("attention")
+        attention_outputs.append(helper.make_tensor_value_info(out, g.onnx_dtype, ["tokens", hq, dim]))
         g.nodes.append(
             helper.make_node(
                 ATTENTION_OP,
@@ -206,7 +208,8 @@ def build_graph(model: LlamaForCausalLM, block_size: int) -> onnx.ModelProto:
     for i in range(cfg.num_layers):
         inputs += [helper.make_tensor_value_info(n(i), g.onnx_dtype, pool) for n in (k_cache_input, v_cache_input)]
         outputs += [helper.make_tensor_value_info(n(i), g.onnx_dtype, pool) for n in (k_cache_output, v_cache_output)]
-    graph = helper.make_graph(g.nodes, "edgepaged_decoder", inputs, outputs, initializer=g.initializers)
+    graph = helper.make_graph(g.nodes, "edgepaged_decoder", inputs, outputs, initializer=g.initializers,
+                              value_info=attention_outputs)
     proto = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
@@ -218,11 +221,12 @@ def build_graph(model: LlamaForCausalLM, block_size: int) -> onnx.ModelProto:
 
 
 def save_with_external_data(proto: onnx.ModelProto, path: Path) -> Path:
-    """Write `path` plus `<name>.data` beside it holding every initializer (no 2 GB limit)."""
+    """Write `path` plus `<name>.data` beside it holding the weights (no 2 GB limit); shape
+    constants stay inline, where shape inference and parsers read them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(
         proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=f"{path.name}.data", size_threshold=0,
+        location=f"{path.name}.data", size_threshold=1024,
     )
     return path
 

@@ -98,7 +98,9 @@ def ort_session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
 class OrtModel(ExportedDecoder):
     """An exported fp32 graph run by onnxruntime, with the shape `ModelRunner` drives."""
 
-    def __init__(self, model: onnx.ModelProto | Path, config: ModelConfig, embed_tokens: torch.Tensor, lm_head: torch.Tensor | None):
+    def __init__(
+        self, model: onnx.ModelProto | Path, config: ModelConfig, embed_tokens: torch.Tensor, lm_head: torch.Tensor | None
+    ):
         super().__init__(config, embed_tokens, lm_head)
         self.session = ort_session(model)
 

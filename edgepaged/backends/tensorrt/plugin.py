@@ -25,7 +25,6 @@ No `from __future__ import annotations` here: `tensorrt.plugin` reads the regist
 functions' annotations as classes.
 """
 
-import ctypes
 import functools
 import importlib
 import re
@@ -39,6 +38,7 @@ from onnx import helper
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import cuda_driver_version
 from .export import ATTENTION_OP, DOMAIN
 
 # The kernel modules themselves (the package re-exports a function under the name `write_kv`).
@@ -106,18 +106,6 @@ class AttendLaunch:
         return (block_table_width,)
 
 
-def cuda_driver_version() -> str | None:
-    """The CUDA driver's version ("12.6"), or None without a driver."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    version = ctypes.c_int()
-    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
-        return None
-    return f"{version.value // 1000}.{version.value % 1000 // 10}"
-
-
 def ptx_version_for(driver_version: str | None, arch: int) -> int | None:
     """The newest PTX ISA both Triton's ptxas and the driver understand (None: Triton's choice).
 
@@ -180,7 +168,7 @@ def _compile_aot(fn, *, pointer_types: dict[str, torch.dtype], int_args: list[st
                          f"(cuFuncSetAttribute) gets {_STATIC_SHARED_LIMIT}: choose smaller tiles")
     order: list[int | str] = []
     for slot in abi:
-        role, _, name = slot.partition(":")
+        name = slot.partition(":")[2]
         if name == "-":
             order.append(".u64")
         else:
@@ -328,7 +316,8 @@ def register_plugins() -> None:
     def write_kv_aot(key: trtp.TensorDesc, value: trtp.TensorDesc, k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
                      slot_mapping: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc], tactic: int) -> AotResult:
         _, block_size, num_kv_heads, head_dim = k_cache.shape
-        w = compile_write_kv(torch_dtypes[k_cache.dtype], torch_dtypes[slot_mapping.dtype], num_kv_heads, head_dim, block_size, *target_and_ptx())
+        w = compile_write_kv(torch_dtypes[k_cache.dtype], torch_dtypes[slot_mapping.dtype], num_kv_heads, head_dim,
+                             block_size, *target_and_ptx())
         return launch(w.kernel, w.grid(slot_mapping.shape_expr[0]), w.extra_args())
 
     @trtp.register(f"{DOMAIN}::{ATTEND_OP}")

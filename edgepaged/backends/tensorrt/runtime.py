@@ -12,6 +12,7 @@ plugin's pool outputs alias its inputs, as the matching outputs too, so they upd
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,10 @@ from safetensors import safe_open
 from torch import nn
 
 from ...models.config import ModelConfig
+from ...models.loader import resolve_model
 from ..base import AttentionBatch
 from . import import_tensorrt
+from .build import EngineMeta, build_engine, load_engine
 from .export import (
     BLOCK_TABLES,
     CONTEXT_LENS,
@@ -52,7 +55,9 @@ class StepPlanner:
         return step_inputs(batch)
 
 
-def load_head_weights(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_head_weights(
+    folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The token embedding and (untied models) the LM head, read alone from the checkpoint."""
     names = ["model.embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
     found: dict[str, torch.Tensor] = {}
@@ -110,14 +115,11 @@ class TensorRTModel(ExportedDecoder):
     torch's allocator (only one runs at a time, on the caller's stream), so the memory plan sees it.
     """
 
-    def __init__(self, engine_dir: Path, folder: Path, device: torch.device):
-        from .build import load_engine
-
-        trt = import_tensorrt()
-        engine, meta = load_engine(trt, engine_dir, folder)
+    def __init__(self, engine, meta: EngineMeta, folder: Path, device: torch.device, user_managed_memory):
+        """`engine` is a deserialized ICudaEngine built from `folder` (see `load`);
+        `user_managed_memory` is TensorRT's ExecutionContextAllocationStrategy.USER_MANAGED."""
         cfg = ModelConfig.from_folder(folder)
-        dtype = getattr(torch, meta.dtype)
-        super().__init__(cfg, *load_head_weights(folder, cfg, dtype, device))
+        super().__init__(cfg, *load_head_weights(folder, cfg, getattr(torch, meta.dtype), device))
         self.engine = engine
         self.meta = meta
         self.device = device
@@ -125,13 +127,20 @@ class TensorRTModel(ExportedDecoder):
         self._scratch = torch.empty(engine.device_memory_size_v2, dtype=torch.uint8, device=device)
         self._contexts = []
         for index in range(engine.num_optimization_profiles):
-            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            context = engine.create_execution_context(user_managed_memory)
             if not context.set_optimization_profile_async(index, stream.cuda_stream):
-                raise RuntimeError(f"{engine_dir}: cannot select optimization profile {index}")
+                raise RuntimeError(f"engine for {meta.model_name}: cannot select optimization profile {index}")
             context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
             max_tokens = engine.get_tensor_profile_shape(HIDDEN_IN, index)[2][0]
             self._contexts.append(_Context(context, max_tokens))
         stream.synchronize()
+
+    @classmethod
+    def load(cls, engine_dir: Path, folder: Path, device: torch.device) -> TensorRTModel:
+        """The engine in `engine_dir`, after checking it was built here for `folder`'s weights."""
+        trt = import_tensorrt()
+        engine, meta = load_engine(trt, engine_dir, folder)
+        return cls(engine, meta, folder, device, trt.ExecutionContextAllocationStrategy.USER_MANAGED)
 
     @property
     def resident_bytes(self) -> int:
@@ -143,7 +152,9 @@ class TensorRTModel(ExportedDecoder):
         if step.decode_only and num_tokens <= decode.max_tokens:
             return decode
         if num_tokens > mixed.max_tokens:
-            raise ValueError(f"a step of {num_tokens} tokens exceeds the engine's {mixed.max_tokens} (the profile's max_num_batched_tokens)")
+            raise ValueError(
+                f"a step of {num_tokens} tokens exceeds the engine's {mixed.max_tokens} (its profile's max_num_batched_tokens)"
+            )
         return mixed
 
     def _bind(self, ctx: _Context, name: str, tensor: torch.Tensor, is_input: bool = True) -> None:
@@ -161,9 +172,10 @@ class TensorRTModel(ExportedDecoder):
         if any(p % 16 for p in pointers):
             raise ValueError("KV pools must be 16-byte aligned: the plugin kernels are compiled assuming it")
         for layer, (k_cache, v_cache) in enumerate(kv_caches):
-            for tensor, name_in, name_out in ((k_cache, k_cache_input(layer), k_cache_output(layer)), (v_cache, v_cache_input(layer), v_cache_output(layer))):
-                self._bind(ctx, name_in, tensor)
-                self._bind(ctx, name_out, tensor, is_input=False)
+            self._bind(ctx, k_cache_input(layer), k_cache)
+            self._bind(ctx, k_cache_output(layer), k_cache, is_input=False)
+            self._bind(ctx, v_cache_input(layer), v_cache)
+            self._bind(ctx, v_cache_output(layer), v_cache, is_input=False)
         ctx.bound_pools = pointers
 
     def run_decoder(self, hidden: torch.Tensor, positions: torch.Tensor, kv_caches: KvCaches, step: StepInputs) -> torch.Tensor:
@@ -188,10 +200,8 @@ class TensorRTModel(ExportedDecoder):
 
 
 def load_tensorrt_model(model: str | Path | None, profile, device: torch.device) -> tuple[TensorRTModel, StepPlanner]:
-    """The engine for `model` under `profile` (built and cached on first use) and its planner."""
-    from ...models.loader import resolve_model
-    from .build import build_engine
-
+    """The engine for `model` under `profile` (built and cached on first use, with its progress
+    on stderr) and the planner that goes with it."""
     folder = resolve_model(model)
-    engine_dir = build_engine(folder, profile)
-    return TensorRTModel(engine_dir, folder, device), StepPlanner()
+    engine_dir = build_engine(folder, profile, log=lambda line: print(line, file=sys.stderr))
+    return TensorRTModel.load(engine_dir, folder, device), StepPlanner()
