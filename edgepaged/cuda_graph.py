@@ -26,26 +26,29 @@ from .backends.base import AttentionBackend, AttentionBatch
 GRAPHS_ENV = "EDGEPAGED_CUDA_GRAPHS"
 
 _TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+# Every staged array starts where a fresh allocation would: kernels and external executors
+# (TensorRT binds tensors by address) may rely on that alignment.
+_ALIGN = 256
 
 
 def stage(arrays: Sequence[np.ndarray], device: torch.device, out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Move int32/int64 host arrays to `device` in one transfer; one device view per array.
 
-    The arrays are packed (8-byte aligned) into one pinned buffer and copied without blocking
+    The arrays are packed (256-byte aligned) into one pinned buffer and copied without blocking
     the host; the caching host allocator keeps the buffer alive until the copy has run. `out`
     (a uint8 device buffer) receives the bytes instead of a fresh allocation: the same array
     shapes then always land at the same addresses, which is what a captured graph reads. On the
-    CPU the packed buffer itself is returned, with no copy.
+    CPU without `out` the packed buffer itself is returned, with no copy.
     """
     offsets, total = [], 0
     for a in arrays:
         offsets.append(total)
-        total += -(-a.nbytes // 8) * 8
+        total += -(-a.nbytes // _ALIGN) * _ALIGN
     host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
     packed = host.numpy()
     for a, offset in zip(arrays, offsets):
         packed[offset : offset + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    if device.type == "cpu":
+    if out is None and device.type == "cpu":
         dev = host
     else:
         dev = torch.empty(total, dtype=torch.uint8, device=device) if out is None else out[:total]
@@ -101,9 +104,10 @@ class DecodeGraphs:
         self.device = kv_caches[0][0].device
         self.sizes = graph_batch_sizes(max_num_seqs)
         largest, width = self.sizes[-1], -(-max_model_len // block_size)
-        # Per row: token id, position and slot (int64) and context length (int32, padded to 8
-        # bytes); then room for a step's block tables packed to their own width.
-        self.inputs = torch.empty(largest * (32 + 4 * width), dtype=torch.uint8, device=self.device)
+        # Per row: token id, position and slot (int64) and context length (int32); then room for
+        # a step's block tables packed to their own width; each of the five arrays aligned.
+        capacity = largest * (28 + 4 * width) + 5 * _ALIGN
+        self.inputs = torch.empty(capacity, dtype=torch.uint8, device=self.device)
         self.block_tables = torch.zeros(largest, width, dtype=torch.int32, device=self.device)
         self.graphs: dict[int, _Graph] = {}
         self.memory_bytes = 0
@@ -115,10 +119,14 @@ class DecodeGraphs:
         """Capture every batch size, largest first so the smaller ones reuse its pool memory."""
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # so the free-memory difference counts what capture keeps
         free_before, _ = torch.cuda.mem_get_info(self.device)
         pool = torch.cuda.graph_pool_handle()
+        # Warm-up and capture share one stream, so per-stream library state (cuBLAS workspaces)
+        # is set up by the warm-up rather than allocated mid-capture.
+        stream = torch.cuda.Stream(self.device)
         for size in reversed(self.sizes):
-            padding = [_padded(np.zeros(0, dtype), size, fill) for dtype, fill in _INPUTS]
+            padding = [_padded(np.zeros(0), size, dtype, fill) for dtype, fill in _INPUTS]
             ids, positions, slots, context_lens = self._stage(padding, np.zeros((size, 1), np.int32))[:4]
             batch = AttentionBatch(
                 slot_mapping=slots,
@@ -134,15 +142,18 @@ class DecodeGraphs:
                 block_size=self.block_size,
             )
             prepared = self.backend.prepare(batch)
-            # Every row is padding (slot -1, context 0): the warm-up compiles kernels and picks
-            # GEMM algorithms outside the capture without touching the KV pool.
-            self.model(ids, positions, self.kv_caches, prepared)
-            torch.cuda.synchronize(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                # Every row is padding (slot -1, context 0): the warm-up compiles kernels and
+                # picks GEMM algorithms outside the capture without touching the KV pool.
+                self.model(ids, positions, self.kv_caches, prepared)
+            stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 hidden = self.model(ids, positions, self.kv_caches, prepared)
             self.graphs[size] = _Graph(graph, hidden, prepared)
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-ups' activations are cached, not kept
         free_after, _ = torch.cuda.mem_get_info(self.device)
         self.memory_bytes = max(free_before - free_after, 0)
         self.capture_seconds = time.perf_counter() - start
@@ -169,7 +180,7 @@ class DecodeGraphs:
         size = self.size_for(n)
         assert size is not None, f"{n} rows exceed the largest captured batch {self.sizes[-1]}"
         rows = (input_ids, positions, slot_mapping, context_lens)
-        padded = [_padded(a, size, fill) for a, (_, fill) in zip(rows, _INPUTS)]
+        padded = [_padded(a, size, dtype, fill) for a, (dtype, fill) in zip(rows, _INPUTS)]
         views = self._stage(padded, block_tables)
         # The tables travel packed to this step's width; the graph reads them at full width.
         self.block_tables[:n, : block_tables.shape[1]].copy_(views[4])
@@ -188,7 +199,7 @@ class DecodeGraphs:
 _INPUTS = ((np.int64, 0), (np.int64, 0), (np.int64, -1), (np.int32, 0))  # ids, positions, slots, context lens
 
 
-def _padded(a: np.ndarray, size: int, fill: int) -> np.ndarray:
-    out = np.full(size, fill, dtype=a.dtype)
+def _padded(a: np.ndarray, size: int, dtype: type, fill: int) -> np.ndarray:
+    out = np.full(size, fill, dtype=dtype)
     out[: a.shape[0]] = a
     return out

@@ -4,8 +4,9 @@ The runner owns the KV tensors (allocated once, never grown) and the translation
 sequences and block tables to flat tensors; the model and backend never see a Sequence.
 On a GPU the host side of a step is on the critical path (the engine waits for each step's
 tokens), so inputs are built with numpy from block tables mirrored across steps and reach the
-device in one non-blocking copy; nothing here waits for the device. Decode-only steps replay a
-CUDA graph when the backend allows it (see cuda_graph.py).
+device in one non-blocking copy; nothing here waits for the device. Steps of one-token chunks
+(and chunks of up to GRAPH_MAX_CHUNK tokens) replay a CUDA graph when the backend allows it
+(see cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from .scheduler import ScheduledChunk, SchedulerOutput
 
 # Backends whose decode step has static shapes and never reads device values on the host.
 _GRAPH_BACKENDS = ("triton",)
+# Chunks up to this many tokens run in the decode graphs, one row per token (see HostStep.token_rows):
+# re-reading the context once per token costs far less than launching the step eagerly, which
+# is what a prompt whose prefix is cached needs for its short tail.
+GRAPH_MAX_CHUNK = 16
 
 
 @dataclass(slots=True)
@@ -48,12 +53,23 @@ class HostStep:
     num_decode: int  # leading sequences with a one-token chunk
 
     @property
-    def decode_only(self) -> bool:
-        return self.num_decode == self.context_lens.shape[0]
+    def max_query_len(self) -> int:
+        return int(self.query_lens.max())
 
     @property
     def samples_every_row(self) -> bool:
         return self.sample_rows.shape[0] == self.input_ids.shape[0]
+
+    def token_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Context lengths and block tables with one row per token, for the decode kernel.
+
+        A token whose context ends at its own position, attending through its sequence's table
+        once this step's K/V is written, is exactly causal attention within its chunk.
+        """
+        if self.num_decode == self.query_lens.shape[0]:
+            return self.context_lens, self.block_tables
+        token_seq = np.repeat(np.arange(self.query_lens.shape[0]), self.query_lens)
+        return (self.positions + 1).astype(np.int32), self.block_tables[token_seq]
 
 
 def host_step(
@@ -276,10 +292,9 @@ class ModelRunner:
         self.copy_blocks(out.block_copies)
         chunks = [c for c in out.chunks if c.num_tokens == 1] + [c for c in out.chunks if c.num_tokens > 1]
         step = self.build_step(chunks, kv, tables_changed=bool(out.block_copies))
-        if step.decode_only and self.graphs is not None and self.graphs.size_for(step.num_decode) is not None:
-            hidden = self.graphs.run(
-                step.input_ids, step.positions, step.slot_mapping, step.context_lens, step.block_tables
-            )
+        graphs = self.graphs
+        if graphs and step.max_query_len <= GRAPH_MAX_CHUNK and graphs.size_for(step.input_ids.shape[0]):
+            hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, *step.token_rows())
         else:
             hidden = self._forward_eager(step)
         if not step.sample_rows.shape[0]:

@@ -17,7 +17,7 @@ Retrieval runs once; every mode then serves the same questions on a fresh engine
 Reported per mode: prefix-hit rate, KV blocks in use (mean and peak over steps), TTFT
 (median, p90) and throughput. Writes docs/benchmarks/rag-<card>-<date>.md and .json.
 
-    python scripts/bench_rag.py                                     # CPU: 48 questions, 8 tokens
+    python scripts/bench_rag.py                                     # CPU: 24 questions, 8 tokens
     python scripts/bench_rag.py --profile h100-80gb --backend triton # GPU: 200 questions, 32 tokens
 """
 
@@ -43,14 +43,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_memory import card_slug  # noqa: E402  (a sibling script)
+# A sibling script's helper, so every report names the card the same way.
+from bench_memory import card_slug
 
-from edgepaged import SamplingParams  # noqa: E402
-from edgepaged.cache.block_pool import hash_block_tokens  # noqa: E402
-from edgepaged.engine import LLMEngine  # noqa: E402
-from edgepaged.models.loader import load_tokenizer, resolve_model  # noqa: E402
-from edgepaged.profiles import load_profile  # noqa: E402
-from edgepaged.rag import (  # noqa: E402
+from edgepaged import SamplingParams
+from edgepaged.cache.block_pool import hash_block_tokens
+from edgepaged.engine import LLMEngine
+from edgepaged.models.loader import load_tokenizer, resolve_model
+from edgepaged.profiles import load_profile
+from edgepaged.rag import (
     ChunkOrder,
     Embedder,
     Hit,
@@ -63,11 +64,12 @@ from edgepaged.rag import (  # noqa: E402
 )
 
 MODULES = (
-    "argparse base64 bisect calendar collections colorsys copy csv datetime difflib filecmp fnmatch "
-    "fractions functools glob graphlib gzip heapq html ipaddress itertools json math operator "
-    "posixpath pprint queue random secrets shlex shutil statistics string tempfile textwrap "
-    "urllib.parse uuid zipfile zlib"
-).split()
+    "argparse", "base64", "bisect", "calendar", "collections", "colorsys", "copy", "csv", "datetime",
+    "difflib", "filecmp", "fnmatch", "fractions", "functools", "glob", "graphlib", "gzip", "heapq",
+    "html", "ipaddress", "itertools", "json", "math", "operator", "posixpath", "pprint", "queue",
+    "random", "secrets", "shlex", "shutil", "statistics", "string", "tempfile", "textwrap",
+    "urllib.parse", "uuid", "zipfile", "zlib",
+)
 MODES = ("canonical", "score", "no-cache")
 
 
@@ -232,19 +234,26 @@ def write_report(meta: dict, results: list[ModeResult], out_dir: Path) -> tuple[
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Model {meta['model']}, profile {meta['profile']}, backend {meta['backend']}, block size {meta['block_size']}; "
-        f"{meta['questions']} questions, top-k {meta['top_k']}, {meta['max_tokens']} output tokens each, "
-        f"{meta['concurrency']} in flight. Corpus: {meta['corpus_files']} standard-library module docs, "
-        f"{meta['corpus_chunks']} chunks of up to {meta['chunk_tokens']} tokens. Retrieval: "
-        f"{meta['retrieval_ms_per_question']:.1f} ms per question, right module among the passages for "
-        f"{100 * meta['retrieval_hit_rate']:.0f}% of questions. Load average (1 min) before / after the runs: "
-        f"{meta['load_average_1min'][0]:.1f} / {meta['load_average_1min'][1]:.1f} (other work on the machine slows "
-        "the modes unevenly).",
+        (
+            f"Model {meta['model']}, profile {meta['profile']}, backend {meta['backend']}, block size {meta['block_size']}; "
+            f"{meta['questions']} questions, top-k {meta['top_k']}, {meta['max_tokens']} output tokens each, "
+            f"{meta['concurrency']} in flight. Corpus: {meta['corpus_files']} standard-library module docs, "
+            f"{meta['corpus_chunks']} chunks of up to {meta['chunk_tokens']} tokens. Retrieval: "
+            f"{meta['retrieval_ms_per_question']:.1f} ms per question, right module among the passages for "
+            f"{100 * meta['retrieval_hit_rate']:.0f}% of questions. Load average (1 min) before / after the runs: "
+            f"{meta['load_average_1min'][0]:.1f} / {meta['load_average_1min'][1]:.1f} (other work on the machine slows "
+            "the modes unevenly)."
+        ),
         "",
-        "Ideal reuse: the share of prompt tokens an unbounded prefix cache would serve with one request at a "
-        "time (what the layout allows); prefix-hit rate: what the engine served in this run.",
+        (
+            "Ideal reuse: the share of prompt tokens an unbounded prefix cache would serve with one request at a "
+            "time (what the layout allows); prefix-hit rate: what the engine served in this run."
+        ),
         "",
-        "| mode | ideal reuse | prefix-hit rate | prompt tokens | blocks used mean / peak (of pool) | TTFT median / p90 (ms) | output tok/s | req/s |",
+        (
+            "| mode | ideal reuse | prefix-hit rate | prompt tokens | blocks used mean / peak (of pool) "
+            "| TTFT median / p90 (ms) | output tok/s | req/s |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -268,7 +277,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: the default model)")
     parser.add_argument("--profile", default="cpu", help="device profile name or YAML path")
     parser.add_argument("--backend", default=None, help="attention backend (default: the profile's)")
-    parser.add_argument("--questions", type=int, default=None, help="default 200 on a GPU, 48 on CPU")
+    parser.add_argument("--questions", type=int, default=None, help="default 200 on a GPU, 24 on CPU (minutes, not an hour)")
     parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per answer; default 32 on a GPU, 8 on CPU")
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--chunk-tokens", type=int, default=128)
@@ -283,7 +292,7 @@ def main() -> None:
     import torch
 
     on_gpu = load_profile(args.profile).device.kind == "cuda"
-    n_questions = args.questions or (200 if on_gpu else 48)
+    n_questions = args.questions or (200 if on_gpu else 24)
     max_tokens = args.max_tokens or (32 if on_gpu else 8)
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)

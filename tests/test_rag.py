@@ -35,7 +35,6 @@ from edgepaged.rag import (
     StoredChunk,
     build_prompt,
     chunk_text,
-    collect_files,
     document_text,
     index_directory,
     render_prompt,
@@ -146,7 +145,7 @@ def test_chunks_are_bounded_overlapping_and_cover_the_text(tokenizer):
         assert chunk.token_count <= 48
         assert chunk.text in text  # an exact slice of the document
         assert len(tokenizer(chunk.text, add_special_tokens=False).input_ids) <= 48
-    for before, after in zip(chunks, chunks[1:]):
+    for before, after in itertools.pairwise(chunks):
         # The next chunk starts inside the previous one: the overlap.
         assert text.index(after.text) < text.index(before.text) + len(before.text)
     covered = np.zeros(len(text), dtype=bool)
@@ -197,7 +196,7 @@ def test_reindexing_does_only_the_work_that_changed(tmp_path, corpus, embedder, 
     assert sorted(docs) == ["bakery.txt", "greenhouse.md", "lighthouse.html", "new.md"]
     paths = {p for (p,) in store.conn.execute("SELECT d.path FROM chunks c JOIN documents d ON d.id = c.doc_id")}
     assert "guides/bicycle.md" not in paths
-    ids, vectors = store.load_vectors()
+    _, vectors = store.load_vectors()
     assert vectors.shape == (store.num_chunks(), embedder.dim)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     store.close()

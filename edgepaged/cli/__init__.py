@@ -8,6 +8,7 @@ from .build import build
 from .doctor import doctor
 from .generate import generate
 from .profile import app as profile_app
+from .rag import app as rag_app
 from .serve import serve
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app.command()(serve)
 app.command()(build)
 app.command()(doctor)
 app.add_typer(profile_app, name="profile", help="Device profiles and the memory plan they give.")
+app.add_typer(rag_app, name="rag", help="Answer questions from a local folder of documents.")
 
 
 @app.callback()

@@ -4,12 +4,33 @@ Layering: chunking -> embed -> store (index) -> retrieve -> layout -> pipeline. 
 pipeline touches the engine, and only through its public request and pinning API.
 """
 
-from .chunking import CorpusError, SkippedFile, TextChunk, chunk_text, collect_files, document_text
+from .chunking import (
+    CorpusError,
+    SkippedFile,
+    TextChunk,
+    chunk_text,
+    collect_files,
+    document_text,
+)
 from .embed import DEFAULT_EMBEDDING_MODEL, Embedder
-from .layout import DEFAULT_SYSTEM_PROMPT, ChunkOrder, RagPrompt, RenderedPrompt, build_prompt, render_prompt
+from .layout import (
+    DEFAULT_SYSTEM_PROMPT,
+    ChunkOrder,
+    RagPrompt,
+    RenderedPrompt,
+    build_prompt,
+    render_prompt,
+)
 from .pipeline import HotPrefixes, RagAnswer, RagPipeline, Source
 from .retrieve import DEFAULT_MIN_SCORE, Hit, NoRelevantChunks, Retriever
-from .store import EmbeddingModelMismatch, IndexReport, RagIndexError, RagStore, StoredChunk, index_directory
+from .store import (
+    EmbeddingModelMismatch,
+    IndexReport,
+    RagIndexError,
+    RagStore,
+    StoredChunk,
+    index_directory,
+)
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",

@@ -83,11 +83,11 @@ def document_text(data: bytes, path: Path) -> str:
     return _tidy(text)
 
 
-_MD_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_MD_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _MD_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
 _MD_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
-_MD_LINK_DEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s+\S+.*$", re.M)
-_MD_FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.S)
+_MD_LINK_DEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s+\S+.*$", re.MULTILINE)
+_MD_FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
 
 
 def markdown_to_text(text: str) -> str:
@@ -109,7 +109,7 @@ class _HTMLText(HTMLParser):
          "nav", "aside", "blockquote", "hr", "dl", "dt", "dd", "ul", "ol", "title", "figure",
          "figcaption", "form", "pre"}
     )
-    HEADINGS = {f"h{i}": i for i in range(1, 7)}
+    HEADINGS = frozenset(f"h{i}" for i in range(1, 7))
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -121,7 +121,7 @@ class _HTMLText(HTMLParser):
         if tag in self.SKIP:
             self.skip_depth += 1
         elif tag in self.HEADINGS:
-            self.parts.append("\n\n" + "#" * self.HEADINGS[tag] + " ")
+            self.parts.append("\n\n" + "#" * int(tag[1]) + " ")
         elif tag == "li":
             self.parts.append("\n- ")
         elif tag in self.BLOCK:

@@ -10,8 +10,8 @@ into a dot product, which is all retrieval needs.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

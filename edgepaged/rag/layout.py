@@ -13,9 +13,9 @@ than it saved (docs/rag.md).
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
 
 from edgepaged.rag.retrieve import Hit
 

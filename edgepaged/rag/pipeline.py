@@ -15,7 +15,15 @@ from pathlib import Path
 from edgepaged.errors import EdgepagedError
 from edgepaged.models.loader import load_tokenizer
 from edgepaged.rag.embed import Embedder
-from edgepaged.rag.layout import DEFAULT_SYSTEM_PROMPT, ChunkOrder, RagPrompt, RenderedPrompt, build_prompt, ordered, render_prompt
+from edgepaged.rag.layout import (
+    DEFAULT_SYSTEM_PROMPT,
+    ChunkOrder,
+    RagPrompt,
+    RenderedPrompt,
+    build_prompt,
+    ordered,
+    render_prompt,
+)
 from edgepaged.rag.retrieve import DEFAULT_MIN_SCORE, Hit, Retriever
 from edgepaged.rag.store import RagStore
 from edgepaged.sampling import SamplingParams
