@@ -23,6 +23,7 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_prefix_caching: bool = True
+    cuda_graphs: bool | None = None  # None: on unless EDGEPAGED_CUDA_GRAPHS=0 (triton backend on CUDA only)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

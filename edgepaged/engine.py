@@ -76,7 +76,10 @@ class LLMEngine:
             self.backend = make_backend(config.backend, self.model_config)
             self.model = LlamaForCausalLM(self.model_config, self.backend, config.dtype, config.device, self.max_model_len)
             self.weights_bytes = load_weights(self.model, folder)
-        self.runner = ModelRunner(self.model, self.backend, config.block_size)
+        self.runner = ModelRunner(
+            self.model, self.backend, config.block_size,
+            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
+        )
         self.memory_plan: MemoryPlan | None = None
         num_blocks = config.num_kv_blocks
         if profile is not None:
@@ -106,11 +109,13 @@ class LLMEngine:
         profile: str | Path | DeviceProfile = "cpu",
         max_kv_blocks: int | None = None,
         backend: str | None = None,
+        cuda_graphs: bool | None = None,
     ) -> LLMEngine:
         """Build an engine from a model (None: the default model) and a device profile."""
         prof = load_profile(profile)
         folder = resolve_model(model)
-        return cls(folder, config_from_profile(prof, max_kv_blocks, backend), prof, model_name=_display_name(model, folder))
+        config = config_from_profile(prof, max_kv_blocks, backend, cuda_graphs)
+        return cls(folder, config, prof, model_name=_display_name(model, folder))
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -314,7 +319,9 @@ class LLMEngine:
         return final
 
 
-def config_from_profile(profile: DeviceProfile, max_kv_blocks: int | None = None, backend: str | None = None) -> EngineConfig:
+def config_from_profile(
+    profile: DeviceProfile, max_kv_blocks: int | None = None, backend: str | None = None, cuda_graphs: bool | None = None
+) -> EngineConfig:
     kind = profile.device.kind
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"profile {profile.name!r} is for a CUDA GPU and none is available here; use --profile cpu")
@@ -330,13 +337,15 @@ def config_from_profile(profile: DeviceProfile, max_kv_blocks: int | None = None
         max_num_seqs=profile.scheduler.max_num_seqs,
         max_num_batched_tokens=profile.scheduler.max_num_batched_tokens,
         enable_prefix_caching=profile.scheduler.enable_prefix_caching,
+        cuda_graphs=cuda_graphs,
     )
 
 
 def measure_activation_and_overhead(runner: ModelRunner, config: EngineConfig, max_model_len: int, weights_bytes: int) -> tuple[int, int]:
     """Run the profile step and read what it took, with what the runtime itself holds.
 
-    CUDA: the allocator's peak over the run, and the driver's used memory that the allocator
+    CUDA: the allocator's peak over the run plus what the decode graphs will keep (a trial
+    capture), and the driver's used memory that the allocator
     does not account for (context, cuBLAS workspaces). CPU: the resident set's peak over the
     run above where it started, and the resident set beyond the weights before it.
     """
@@ -350,6 +359,8 @@ def measure_activation_and_overhead(runner: ModelRunner, config: EngineConfig, m
         torch.cuda.synchronize(dev)
         activation = torch.cuda.max_memory_allocated(dev) - before
         torch.cuda.empty_cache()
+        # Decode graphs keep their own memory pool beside the eager activations.
+        activation += runner.measure_graph_bytes()
         free, total = torch.cuda.mem_get_info(dev)
         overhead = max(total - free - torch.cuda.memory_reserved(dev), 0)
         return activation, overhead
@@ -402,7 +413,7 @@ def plan_for(engine: LLMEngine, profile: DeviceProfile, cap_blocks: int | None) 
 
 def measure_plan(model: str | Path | None, profile: str | Path | DeviceProfile) -> MemoryPlan:
     """The uncapped memory plan for `model` on this device under `profile` (`edgepaged profile show`)."""
-    engine = LLMEngine.from_model(model, profile, max_kv_blocks=1)
+    engine = LLMEngine.from_model(model, profile, max_kv_blocks=1, cuda_graphs=False)
     return plan_for(engine, engine.profile, cap_blocks=None)
 
 

@@ -212,6 +212,24 @@ class ModelRunner:
             )
             self.graphs.capture()
 
+    def measure_graph_bytes(self) -> int:
+        """What the decode graphs will hold, measured by a trial capture over a throwaway cache
+        one sequence long, so the memory plan can leave room for them before the pool exists."""
+        if not self._graphs_apply():
+            return 0
+        saved = self.kv_cache, self.kv_caches
+        self._allocate(-(-self.max_model_len // self.block_size))
+        try:
+            trial = DecodeGraphs(
+                self.model, self.backend, self.kv_caches, self.block_size, self.max_num_seqs, self.max_model_len
+            )
+            trial.capture()
+            return trial.memory_bytes
+        finally:
+            trial = None  # the trial graphs and their pool go before the real pool is allocated
+            self.kv_cache, self.kv_caches = saved
+            torch.cuda.empty_cache()
+
     def _allocate(self, num_blocks: int) -> None:
         cfg = self.model.config
         self.kv_cache = torch.zeros(
@@ -245,13 +263,15 @@ class ModelRunner:
             lengths.append(max_num_batched_tokens % seq_len)
         blocks_per_seq = -(-max(seq_len, 1) // bs)
         saved = self.kv_cache, self.kv_caches
-        self._allocate(blocks_per_seq * max(len(lengths), max_num_seqs))
+        # Every synthetic sequence shares one table: their writes collide harmlessly, and the
+        # throwaway cache stays one sequence long however many sequences the step holds.
+        self._allocate(blocks_per_seq)
         try:
             for query_lens, computed in (
                 (np.array(lengths), np.zeros(len(lengths), dtype=np.int64)),
                 (np.ones(max_num_seqs, dtype=np.int64), np.full(max_num_seqs, seq_len - 1)),
             ):
-                tables = np.arange(len(query_lens) * blocks_per_seq, dtype=np.int32).reshape(-1, blocks_per_seq)
+                tables = np.tile(np.arange(blocks_per_seq, dtype=np.int32), (len(query_lens), 1))
                 ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
                 step = host_step(ids, computed, query_lens, tables, np.ones(len(query_lens), dtype=bool), bs)
                 self._sample(step, self._forward_eager(step))

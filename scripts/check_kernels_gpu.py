@@ -2,8 +2,10 @@
 
 Runs tests/test_kernels_gpu.py (every kernel against its reference, full matrix), then times one
 layer's attention with triton.testing.do_bench (median, L2 flushed between runs):
-  - decode at batch 1/32/256 with 1k/4k contexts, with the split-K heuristic and forced single
-    pass, as achieved GB/s of K/V read against the device-to-device copy bandwidth measured here;
+  - decode at batch 1/32/256 with 1k/4k contexts, with the split-K heuristic, forced single
+    pass, and the plan a CUDA graph captures (sized for a 32k context, each sequence splitting
+    its own context), as achieved GB/s of K/V read against the device-to-device copy bandwidth
+    measured here;
   - prefill chunks (whole prompt, chunk after a cached prefix, RAG-style batch of chunks after a
     shared 1k prefix), as TFLOP/s against a bf16 GEMM measured here.
 docs/benchmarks/kernels-notes.md has the bytes and FLOPs of every shape, i.e. the floors.
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 16
 # (name, query heads, KV heads, head dim) of one attention layer
 SHAPES = [("llama-3.2-1b", 32, 8, 64), ("llama-3.1-8b", 32, 8, 128)]
+GRAPH_PLAN_CONTEXT = 32768  # max_model_len of the h100/h200 profiles: what a captured decode plans for
 DECODE_POINTS = [(batch, context) for batch in (1, 32, 256) for context in (1024, 4096)]
 # (name, [(context_len, query_len) per sequence])
 PREFILL_POINTS = [
@@ -57,6 +60,7 @@ class DecodeTiming:
     splits: int
     ms: float
     ms_single_pass: float
+    ms_graph_plan: float
     kv_bytes: int
     gbps: float
     fraction_of_copy: float
@@ -106,8 +110,8 @@ def time_decode(shape, batch: int, context: int, dtype: torch.dtype, copy_gbps: 
     q = torch.randn(batch, num_q_heads, head_dim, dtype=dtype, device="cuda")
     out = torch.empty_like(q)
     timings = {}
-    for label, splits in (("heuristic", None), ("single", 1)):
-        plan = plan_decode(batch, num_q_heads, num_kv_heads, head_dim, context, "cuda", num_splits=splits)
+    for label, splits, plan_len in (("heuristic", None, context), ("single", 1, context), ("graph", None, GRAPH_PLAN_CONTEXT)):
+        plan = plan_decode(batch, num_q_heads, num_kv_heads, head_dim, plan_len, "cuda", num_splits=splits)
         run = lambda plan=plan: paged_decode_attention(
             q, k_cache, v_cache, tables, lens, head_dim**-0.5, out=out, plan=plan
         )
@@ -115,7 +119,9 @@ def time_decode(shape, batch: int, context: int, dtype: torch.dtype, copy_gbps: 
     ms, splits = timings["heuristic"]
     kv_bytes = 2 * batch * context * num_kv_heads * head_dim * k_cache.element_size()
     gbps = kv_bytes / ms / 1e6
-    return DecodeTiming(name, batch, context, splits, ms, timings["single"][0], kv_bytes, gbps, gbps / copy_gbps)
+    return DecodeTiming(
+        name, batch, context, splits, ms, timings["single"][0], timings["graph"][0], kv_bytes, gbps, gbps / copy_gbps
+    )
 
 
 def time_prefill(
@@ -220,12 +226,13 @@ def main() -> None:
 
     decode = [time_decode(s, b, c, dtype, copy_gbps) for s in SHAPES for b, c in DECODE_POINTS]
     print(
-        f"\n{'decode':14} {'batch':>5} {'ctx':>5} {'splits':>6} {'us':>8} {'us 1-pass':>9} "
+        f"\n{'decode':14} {'batch':>5} {'ctx':>5} {'splits':>6} {'us':>8} {'us 1-pass':>9} {'us graph':>9} "
         f"{'KV MB':>8} {'GB/s':>7} {'of copy':>7}"
     )
     for t in decode:
         print(
             f"{t.shape:14} {t.batch:5} {t.context:5} {t.splits:6} {t.ms * 1e3:8.1f} {t.ms_single_pass * 1e3:9.1f} "
+            f"{t.ms_graph_plan * 1e3:9.1f} "
             f"{t.kv_bytes / 1e6:8.1f} {t.gbps:7.0f} {t.fraction_of_copy:7.0%}"
         )
 

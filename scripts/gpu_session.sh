@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Everything issue 4 needs from one GPU, in one call of at most ~9.5 minutes, results in $OUT.
 #
-#   OUT=/path/that/comes/back bash scripts/gpu_session.sh
+#   OUT=/path/that/comes/back bash scripts/gpu_session.sh [kernels|serving]
+#
+# The stage "kernels" (default) is issue 4's run, below. The stage "serving" runs what issues 3, 5
+# and 6 need from a GPU: the probe's GPU test, the TensorRT-style AOT kernel launch check, the
+# memory burst under three profiles and the serving benchmark, on a random-weight SmolLM2-shaped
+# model that uses the real tokenizer carried in .carry/smollm2-tokenizer (the default model's
+# 98 MB GGUF is larger than a call may carry).
 #
 # 1. set-up: wheels carried in .whl/ (if any) into /tmp/site; the repo importable with kernels/
 #    as edgepaged.kernels (editable install, or a symlink in this disposable copy if pip cannot);
@@ -14,10 +20,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 : "${OUT:?set OUT to the folder whose files come back}"
+mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+STAGE="${1:-kernels}"
 TOTAL_S="${GPU_SESSION_SECONDS:-560}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 LOGS="$(mktemp -d)"
+STAMP="$(mktemp)"  # reports newer than this come back (the log folder's own time moves on)
 MODELS=/tmp/edgepaged-bench-models
 SUMMARY="$OUT/session.log"
 START=$SECONDS
@@ -29,7 +38,8 @@ finish() {
     for f in "$LOGS"/*.log; do
         [ -e "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; } >>"$OUT/steps.log"
     done
-    find docs/benchmarks -newer "$LOGS" \( -name 'gpu-*' -o -name 'kernels-*' \) -exec cp {} "$OUT"/ \;
+    find docs/benchmarks -newer "$STAMP" \( -name 'gpu-*' -o -name 'kernels-*' -o -name 'memory-*' -o -name 'serve-*' \
+        -o -name 'tensorrt-*' \) -exec cp {} "$OUT"/ \;
     say "== done after $((SECONDS - START)) s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
 trap finish EXIT
@@ -80,6 +90,45 @@ if ! "$PY" -c "import edgepaged.engine, edgepaged.kernels" 2>/dev/null; then
     exit 1
 fi
 
+CARD=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+if [ "$STAGE" = recheck ]; then  # after fused kernels and graph memory in the plan
+    RAND=/tmp/edgepaged-smollm2-random
+    run 50-test-fused-graphs 200 "$PY" -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_fused_kernels.py \
+        tests/test_cuda_graph_gpu.py tests/test_gpu_parity.py &
+    run 51-random-model 120 "$PY" -c "
+from pathlib import Path; import torch
+from edgepaged.models.random_init import write_random_model
+write_random_model(Path('$RAND'), 'smollm2-135m', tokenizer_from=Path('.carry/smollm2-tokenizer'), dtype=torch.bfloat16)" &
+    run 52-bench-checkpoints 200 "$PY" scripts/bench_gpu.py --prepare-only --models-dir /tmp/edgepaged-bench-models &
+    wait
+    grep -h -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOGS"/50-*.log | sed 's/^/   /' | tee -a "$SUMMARY"
+    run 53-bench-memory 200 "$PY" scripts/bench_memory.py --model "$RAND" --backend triton
+    grep -h -E "GiB, .* concurrent" "$LOGS"/53-*.log | sed 's/^/   /' | tee -a "$SUMMARY"
+    run 54-bench 600 "$PY" scripts/bench_gpu.py --models-dir /tmp/edgepaged-bench-models --budget-s $(($(left) - 40))
+    grep -E "^  (MET|MISS|n/a)" "$LOGS/54-bench.log" | tee -a "$SUMMARY"
+    exit 0
+fi
+if [ "$STAGE" = serving ]; then
+    PROFILE=$("$PY" -c "import torch; print('h200-141gb' if 'H200' in torch.cuda.get_device_name() else 'h100-80gb')")
+    RAND=/tmp/edgepaged-smollm2-random
+    run 40-random-model 120 "$PY" -c "
+from pathlib import Path; import torch
+from edgepaged.models.random_init import write_random_model
+write_random_model(Path('$RAND'), 'smollm2-135m', tokenizer_from=Path('.carry/smollm2-tokenizer'), dtype=torch.bfloat16)"
+    run 41-test-probe-gpu 60 "$PY" -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_probe.py &
+    run 42-aot-launch 150 "$PY" scripts/check_aot_launch_gpu.py --out "docs/benchmarks/tensorrt-aot-launch-$CARD-$(date -u +%F).json" &
+    wait
+    run 43-bench-memory 240 "$PY" scripts/bench_memory.py --model "$RAND" --backend triton
+    run 44-bench-serve 150 "$PY" scripts/bench_serve.py --model "$RAND" --profile "$PROFILE" --backend triton --max-tokens 128
+    grep -h -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|exceed|over budget|FAIL" "$LOGS"/4*.log | head -20 | sed 's/^/   /' | tee -a "$SUMMARY"
+    if [ -n "${WITH_BENCH:-}" ]; then  # the GPU benchmark again, with the time left
+        run 45-bench-checkpoints 200 "$PY" scripts/bench_gpu.py --prepare-only --models-dir /tmp/edgepaged-bench-models
+        run 46-bench 600 "$PY" scripts/bench_gpu.py --models-dir /tmp/edgepaged-bench-models --budget-s $(($(left) - 40))
+        grep -E "^  (MET|MISS|n/a)" "$LOGS/46-bench.log" | tee -a "$SUMMARY"
+    fi
+    exit 0
+fi
+
 # -- 2. tests and checkpoints, in parallel --------------------------------------------------------
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE)
 run 10-test-kernels-decode 300 "${PYTEST[@]}" tests/test_kernels_gpu.py -k "decode" &
@@ -88,10 +137,9 @@ run 12-test-graphs-engine 300 "${PYTEST[@]}" -m gpu tests/test_cuda_graph_gpu.py
     tests/test_gpu_parity.py &
 run 13-bench-checkpoints 300 "$PY" scripts/bench_gpu.py --prepare-only --models-dir "$MODELS" &
 wait
-grep -h -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOGS"/1[012]-*.log | sed 's/^/   /' | tee -a "$SUMMARY"
+grep -h -E "^(FAILED|ERROR) | in [0-9.]+s( \(.*\))?$" "$LOGS"/1[012]-*.log | sed 's/^/   /' | tee -a "$SUMMARY"
 
 # -- 3. kernel timings ---------------------------------------------------------------------------
-CARD=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 run 20-check-kernels 90 "$PY" scripts/check_kernels_gpu.py --skip-tests \
     --out "docs/benchmarks/kernels-$CARD-$(date -u +%F).json"
 

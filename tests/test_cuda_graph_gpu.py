@@ -3,7 +3,8 @@
 Engines come from a small profile extending h100-80gb (the path `LLMEngine.from_model` takes in
 production: profile run, memory plan, pool, capture). The batches are smaller than the graph
 sizes that run them (3 rows in the 4-row graph, 5 in the 8-row one), so the padded rows are
-exercised, and one prompt is long enough for the split-K decode path inside the graph.
+exercised, and one prompt is long enough for the split-K decode path inside the graph. A short
+chunk after a cached prefix runs in the graph too, one row per token.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ name: graph-test
 model:
   dtype: {dtype}
 scheduler:
-  max_model_len: 4096
+  max_model_len: 2048
   max_num_seqs: 8
   max_num_batched_tokens: 512
   max_waiting_requests: 64
@@ -91,7 +92,8 @@ def test_graphs_on_and_off_give_the_same_greedy_tokens(model_dir, tmp_path, monk
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_step_matches_eager_step(model_dir, tmp_path, monkeypatch, dtype):
     """The same decode step through the graph and eagerly: same logits within the dtype's
-    tolerance (the graph pads 5 rows to 8 and plans attention for 4096 keys, eager for 1.5k)."""
+    tolerance (the graph pads 5 rows to 8 and plans attention for the model's 2,048 positions,
+    eager for the batch's 1.5k)."""
     engine = _engine(model_dir, tmp_path, dtype, graphs=True, monkeypatch=monkeypatch)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     for i, ids in enumerate(_prompts(5)):
@@ -112,3 +114,22 @@ def test_graph_step_matches_eager_step(model_dir, tmp_path, monkeypatch, dtype):
     assert graph_logits.isfinite().all()
     err = ((graph_logits - eager_logits).norm() / eager_logits.norm()).item()
     assert err < TOLERANCE[getattr(torch, dtype)], f"graph vs eager logits: relative error {err:.2e}"
+
+
+def test_a_short_tail_after_a_cached_prefix_runs_in_the_graph(model_dir, tmp_path, monkeypatch):
+    """The second prompt finds 512 tokens cached and computes its 9-token tail as 9 graph rows;
+    every one of its steps replays a graph, and its tokens match the eager engine's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rng = random.Random(9)
+    prefix = [rng.randrange(1024) for _ in range(512)]
+    first, second = prefix + [rng.randrange(1024) for _ in range(5)], prefix + [rng.randrange(1024) for _ in range(9)]
+    tokens = {}
+    for graphs in (False, True):
+        engine = _engine(model_dir, tmp_path, "float32", graphs=graphs, monkeypatch=monkeypatch)
+        _generate(engine, [first])
+        hits, replays = engine.stats().prefix_hit_tokens, graphs and engine.runner.graphs.replays
+        tokens[graphs] = _generate(engine, [second])
+        assert engine.stats().prefix_hit_tokens - hits == 512
+        if graphs:
+            assert engine.runner.graphs.replays - replays == NEW_TOKENS, "the tail step ran eagerly"
+    assert tokens[True] == tokens[False]

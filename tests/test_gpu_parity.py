@@ -1,7 +1,7 @@
 """Parity with transformers on a CUDA GPU, for both backends (skipped without a GPU).
 
-fp32: greedy tokens identical to `generate`. bf16: the engine's prefill logits stay within bf16
-tolerance of transformers' logits for the same tokens (greedy paths may legitimately diverge).
+fp32: greedy tokens identical to `generate`. bf16: the engine's prefill logits are about as close
+to an fp32 reference as transformers' own bf16 logits are (greedy paths may legitimately diverge).
 """
 
 from __future__ import annotations
@@ -61,10 +61,14 @@ def test_fp32_greedy_parity_on_gpu(gpu_model, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_logits_within_tolerance(gpu_model, backend):
+    """Measured against an fp32 reference: the engine in bf16 must be about as close to it as
+    transformers in bf16 is (a fixed threshold would judge rounding order, not correctness)."""
     ids = _prompts()[3]
-    ref = AutoModelForCausalLM.from_pretrained(gpu_model, dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
-        expected = ref(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+        ref32 = AutoModelForCausalLM.from_pretrained(gpu_model, dtype=torch.float32).cuda().eval()
+        exact = ref32(torch.tensor([ids], device="cuda")).logits[0, -1].double()
+        ref16 = AutoModelForCausalLM.from_pretrained(gpu_model, dtype=torch.bfloat16).cuda().eval()
+        peer = ref16(torch.tensor([ids], device="cuda")).logits[0, -1].double()
     eng = make_engine(gpu_model, device=torch.device("cuda"), dtype=torch.bfloat16, backend=backend,
                       max_num_batched_tokens=128)
     eng.add_request("x", ids, SamplingParams(max_tokens=1, temperature=0.0))
@@ -74,6 +78,8 @@ def test_bf16_logits_within_tolerance(gpu_model, backend):
         for c in sched.chunks:
             c.seq.num_computed_tokens += c.num_tokens
         sched = eng.scheduler.schedule()
-    got = eng.runner.execute(sched, eng.kv).logits[0].float()
-    rel = (got - expected).norm() / expected.norm()
-    assert torch.isfinite(got).all() and rel < 2e-2, f"relative error {rel:.3g}"
+    got = eng.runner.execute(sched, eng.kv).logits[0].double()
+    ours = ((got - exact).norm() / exact.norm()).item()
+    theirs = ((peer - exact).norm() / exact.norm()).item()
+    assert torch.isfinite(got).all()
+    assert ours <= max(1.5 * theirs, 1e-2), f"bf16 error vs fp32: edgepaged {ours:.3g}, transformers {theirs:.3g}"

@@ -8,9 +8,33 @@ FastAPI and uvicorn.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Optional
 
 import typer
+
+from ..errors import EdgepagedError
+
+_COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def parse_rag_collections(specs: list[str], pin: str | None) -> dict[str, Path]:
+    """`NAME=DB_PATH` specs as a name -> path map; refuses bad syntax, a name given twice and a
+    --rag-pin that names no collection (usage errors, before anything loads)."""
+    collections: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path or not _COLLECTION_NAME.fullmatch(name):
+            raise typer.BadParameter(
+                f"{spec!r} is not NAME=DB_PATH (NAME: letters, digits, '.', '_', '-')", param_hint="--rag"
+            )
+        if name in collections:
+            raise typer.BadParameter(f"the collection {name!r} is given twice", param_hint="--rag")
+        collections[name] = Path(path)
+    if pin is not None and pin not in collections:
+        raise typer.BadParameter(f"{pin!r} is not a collection given with --rag", param_hint="--rag-pin")
+    return collections
 
 
 def serve(
@@ -73,24 +97,43 @@ def serve(
     log_level: str = typer.Option(
         "info", "--log-level", envvar="EDGEPAGED_LOG_LEVEL", help="critical, error, warning, info or debug"
     ),
+    rag: list[str] = typer.Option(
+        [],
+        "--rag",
+        envvar="EDGEPAGED_RAG",
+        help="answer chat requests naming collection NAME from the index DB_PATH: NAME=DB_PATH "
+        "(repeatable; in the variable, separated by spaces)",
+    ),
+    rag_pin: Optional[str] = typer.Option(
+        None,
+        "--rag-pin",
+        envvar="EDGEPAGED_RAG_PIN",
+        help="keep the hot prompt prefixes of this --rag collection pinned in the KV cache (one collection)",
+    ),
 ) -> None:
     """Serve the OpenAI API (completions, chat, models) with metrics, health and systemd notify."""
     from edgepaged.server import ServeOptions, run
 
-    run(
-        ServeOptions(
-            model=model,
-            profile=profile,
-            host=host,
-            port=port,
-            api_key=api_key,
-            backend=backend,
-            max_kv_blocks=max_kv_blocks,
-            served_model_name=served_model_name,
-            max_waiting_requests=max_waiting_requests,
-            max_waiting_tokens=max_waiting_tokens,
-            max_body_bytes=int(max_body_mb * 1024 * 1024),
-            drain_timeout=drain_timeout,
-            log_level=log_level,
-        )
+    pin = rag_pin or None  # an empty EDGEPAGED_RAG_PIN= means none, as in the settings file
+    options = ServeOptions(
+        model=model,
+        profile=profile,
+        host=host,
+        port=port,
+        api_key=api_key,
+        backend=backend,
+        max_kv_blocks=max_kv_blocks,
+        served_model_name=served_model_name,
+        max_waiting_requests=max_waiting_requests,
+        max_waiting_tokens=max_waiting_tokens,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        drain_timeout=drain_timeout,
+        log_level=log_level,
+        rag=parse_rag_collections(rag, pin),
+        rag_pin=pin,
     )
+    try:
+        run(options)
+    except EdgepagedError as exc:  # a startup refusal (model, RAG index): the message says what to fix
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None

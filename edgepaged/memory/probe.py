@@ -57,6 +57,12 @@ def _is_integrated(device: torch.device) -> bool:
     return bool(torch.cuda.get_device_properties(device).is_integrated)
 
 
+def _set_fraction(fraction: float, device: torch.device) -> None:
+    # torch wants an index here; a bare "cuda" means the current device.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+
+
 @dataclass(slots=True, frozen=True)
 class CudaDriver:
     """The CUDA calls the probe and the enforcer make (tests substitute fakes)."""
@@ -66,7 +72,7 @@ class CudaDriver:
     reserved_bytes: Callable[[torch.device], int] = torch.cuda.memory_reserved
     device_name: Callable[[torch.device], str] = torch.cuda.get_device_name
     is_available: Callable[[], bool] = torch.cuda.is_available
-    set_memory_fraction: Callable[[float, torch.device], None] = torch.cuda.set_per_process_memory_fraction
+    set_memory_fraction: Callable[[float, torch.device], None] = _set_fraction
 
 
 def read_meminfo(path: Path) -> dict[str, int]:

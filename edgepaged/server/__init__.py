@@ -5,22 +5,28 @@ warmed up and the socket is listening; SIGTERM starts a drain (stop accepting, f
 running, up to `drain_timeout` seconds) and the process then exits 0, so `systemctl stop` and a
 deploy restart never cut an answer short. A dead engine loop ends the process with status 1, so
 Restart=on-failure brings the box back without waiting for the watchdog.
+
+RAG collections (`--rag NAME=DB_PATH`) are checked before the model loads, so a wrong path
+fails the start in a second instead of after the load; they share one embedding model, warmed
+up with the engine before READY=1.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from edgepaged.engine import LLMEngine
 from edgepaged.profiles import load_profile
+from edgepaged.rag import Embedder, RagIndexError, RagPipeline, RagStore
 from edgepaged.sampling import SamplingParams
 from edgepaged.server import systemd
-from edgepaged.server.app import ServerConfig, create_app
+from edgepaged.server.app import RagCollections, ServerConfig, create_app
 from edgepaged.server.async_engine import AdmissionLimits, AsyncEngine
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,8 @@ class ServeOptions:
     max_body_bytes: int = 4 * 1024 * 1024
     drain_timeout: float = 30.0
     log_level: str = "info"
+    rag: dict[str, Path] = field(default_factory=dict)  # collection name -> index file
+    rag_pin: str | None = None  # the collection whose hot prefixes stay pinned
 
 
 def warm_up(engine: LLMEngine) -> None:
@@ -49,6 +57,30 @@ def warm_up(engine: LLMEngine) -> None:
     prompt = list(range(1, 2 * engine.config.block_size + 9))
     engine.add_request("edgepaged-warmup", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine.run_to_completion(["edgepaged-warmup"])
+
+
+def check_rag_indexes(paths: dict[str, Path], embedder: Embedder) -> None:
+    """Refuse an index that is missing, not an index, empty or embedded with another model,
+    naming the collection, before anything slow happens."""
+    for name, path in paths.items():
+        try:
+            store = RagStore(path)
+            try:
+                if store.num_chunks() == 0:
+                    raise RagIndexError(f"{path} holds no chunks: run `edgepaged rag index DIR --db {path}`")
+                store.bind_embedder(embedder.name, embedder.dim)  # with chunks present, this only compares
+            finally:
+                store.close()
+        except RagIndexError as exc:
+            raise RagIndexError(f"--rag {name}: {exc}") from exc
+
+
+def open_rag(engine: LLMEngine, paths: dict[str, Path], pin: str | None, embedder: Embedder) -> RagCollections:
+    """One pipeline per collection over the shared embedder; only `pin`'s records hot prefixes."""
+    pipelines = {
+        name: RagPipeline(engine, path, embedder=embedder, pin_hot_prefixes=name == pin) for name, path in paths.items()
+    }
+    return RagCollections(pipelines, pin)
 
 
 class _SystemdServer(uvicorn.Server):
@@ -103,11 +135,18 @@ def run(opts: ServeOptions) -> None:
     if watchdog is not None:
         watchdog.start()
     try:
+        embedder = Embedder() if opts.rag else None
+        if embedder is not None:
+            check_rag_indexes(opts.rag, embedder)
         systemd.notify("STATUS=loading the model")
         profile = load_profile(opts.profile)
         engine = LLMEngine.from_model(opts.model, profile, max_kv_blocks=opts.max_kv_blocks, backend=opts.backend)
         systemd.notify("STATUS=warming up")
         warm_up(engine)
+        rag = None
+        if embedder is not None:
+            rag = open_rag(engine, opts.rag, opts.rag_pin, embedder)
+            embedder.embed(["warm-up"])  # loads the embedding weights now, not at the first question
         limits = AdmissionLimits(
             max_waiting_requests=opts.max_waiting_requests or profile.scheduler.max_waiting_requests,
             max_waiting_tokens=opts.max_waiting_tokens or profile.scheduler.max_waiting_tokens,
@@ -117,6 +156,7 @@ def run(opts: ServeOptions) -> None:
             served_model_names=[opts.served_model_name or engine.model_name],
             api_key=opts.api_key,
             max_body_bytes=opts.max_body_bytes,
+            rag=rag,
         )
         uv_config = uvicorn.Config(
             create_app(async_engine, config),

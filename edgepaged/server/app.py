@@ -4,6 +4,10 @@ Every failure leaves as OpenAI's JSON error shape with the status code OpenAI wo
 never with a stack trace: the body says what the client can fix, the log keeps the rest. The
 request body is read and parsed here rather than by FastAPI's body binding, so malformed JSON,
 invalid UTF-8 and wrong types all get the same precise 400 instead of framework defaults.
+
+A chat request may name a RAG collection (`"rag": {"collection", "top_k"}`): its last user
+message is then the question, the collection's pipeline lays out the messages (system prompt,
+passages in canonical order, question) and the answer carries the passages as `rag_sources`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgepaged.outputs import RequestOutput
 from edgepaged.errors import RequestError
+from edgepaged.rag import NoRelevantChunks, RagPipeline, Source
 from edgepaged.sampling import SamplingParams
 from edgepaged.server.async_engine import AsyncEngine, EngineUnavailable, PreparedRequest, QueueFull, RequestStream
 from edgepaged.server.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
@@ -45,6 +51,8 @@ from edgepaged.server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    RagOptions,
+    RagSource,
     Usage,
 )
 
@@ -55,10 +63,45 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pr
 
 
 @dataclass(slots=True)
+class RagCollections:
+    """The RAG collections a server answers from, by the names clients send.
+
+    One lock serialises retrieval across collections: they share one embedding model, whose
+    tokenizer must not be called from two threads at once, and a question's retrieval is short
+    next to its generation. The engine's pins are global, so only the `pinned` collection (if
+    any) keeps its hot prefixes pinned; its pipeline must have been built with pinning on.
+    """
+
+    pipelines: dict[str, RagPipeline]
+    pinned: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.pinned is not None and self.pinned not in self.pipelines:
+            raise ValueError(f"cannot pin unknown RAG collection {self.pinned!r}")
+
+    def build_messages(self, name: str, question: str, top_k: int) -> tuple[list[dict[str, str]], list[Source]]:
+        """Blocking (embedding, SQLite): call it from a worker thread, not the event loop."""
+        with self._lock:
+            return self.pipelines[name].build_messages(question, top_k)
+
+    def apply_pins(self) -> None:
+        """Engine thread only, between requests (`AsyncEngine.on_idle`)."""
+        if self.pinned is not None:
+            self.pipelines[self.pinned].apply_pins()
+
+    def close(self) -> None:
+        """Drops the pins and closes the index files; only once the engine thread has stopped."""
+        for pipeline in self.pipelines.values():
+            pipeline.close()
+
+
+@dataclass(slots=True)
 class ServerConfig:
     served_model_names: list[str]
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    rag: RagCollections | None = None
 
 
 class ApiError(Exception):
@@ -190,20 +233,28 @@ class _Choices:
                 changed.append((c.index, delta, c.finish_reason))
         return changed
 
+    @property
+    def all_finished(self) -> bool:
+        return all(f is not None for f in self.finish)
+
     def usage(self) -> Usage:
         done = sum(self.completion_tokens)
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    """Build the app around a started-on-lifespan AsyncEngine."""
+    """Build the app around a started-on-lifespan AsyncEngine (and hand it the RAG pin upkeep)."""
     metrics = ServerMetrics(engine.stats, engine.queue_state)
+    if config.rag is not None and config.rag.pinned is not None:
+        engine.on_idle = config.rag.apply_pins
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
         await engine.stop()
+        if config.rag is not None:
+            config.rag.close()  # only now: closing unpins, which is the engine thread's business
 
     app = FastAPI(title="edgepaged", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -290,9 +341,26 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
         return prepare
 
-    def chat_prepare(body: ChatCompletionRequest) -> Callable[[], PreparedRequest]:
+    async def rag_messages(options: RagOptions, question: str) -> tuple[list[dict[str, str]], list[RagSource]]:
+        """The collection's layout for `question` and the passages in it, retrieved off the loop."""
+        rag = config.rag
+        if rag is None or options.collection not in rag.pipelines:
+            served = sorted(rag.pipelines) if rag is not None else []
+            raise ApiError(
+                404,
+                f"the RAG collection '{options.collection}' does not exist; this server serves {served}",
+                code="collection_not_found",
+                param="rag.collection",
+            )
+        try:
+            messages, sources = await asyncio.to_thread(rag.build_messages, options.collection, question, options.top_k)
+        except NoRelevantChunks as exc:
+            # As `edgepaged rag ask` does: say so, and generate nothing.
+            raise ApiError(422, str(exc), code="no_relevant_chunks", param="messages") from None
+        return messages, [RagSource(path=s.path, chunk_index=s.chunk_index, score=s.score) for s in sources]
+
+    def chat_prepare(body: ChatCompletionRequest, messages: list[dict[str, str]]) -> Callable[[], PreparedRequest]:
         def prepare() -> PreparedRequest:
-            messages = [m.as_template_dict() for m in body.messages]
             try:
                 ids = engine.engine.apply_chat_template(messages)  # as the offline LLM.chat renders it
             except TemplateError as exc:
@@ -390,13 +458,25 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         check_model(body.model)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         timer = metrics.start_request()
-        stream = await engine.add(request_id, chat_prepare(body))
+        messages, sources = [m.as_template_dict() for m in body.messages], None
+        if body.rag is not None:
+            messages, sources = await rag_messages(body.rag, body.rag_question)
+        stream = await engine.add(request_id, chat_prepare(body, messages))
         choices = _Choices(body.n)
 
         if body.stream:
 
-            def chunk(items: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-                return ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=items, usage=usage)
+            def chunk(
+                items: list[ChatChunkChoice], usage: Usage | None = None, last: bool = False
+            ) -> ChatCompletionChunk:
+                return ChatCompletionChunk(
+                    id=request_id,
+                    created=created,
+                    model=body.model,
+                    choices=items,
+                    usage=usage,
+                    rag_sources=sources if last else None,
+                )
 
             async def events() -> AsyncIterator[BaseModel]:
                 yield chunk(
@@ -412,9 +492,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                         for i, t, f in choices.deltas(out)
                     ]
                     if items:
-                        yield chunk(items)
+                        # The sources ride on the last chunk before [DONE]: this one, unless usage follows.
+                        yield chunk(items, last=choices.all_finished and not body.include_usage)
                 if body.include_usage:
-                    yield chunk([], choices.usage())
+                    yield chunk([], choices.usage(), last=True)
 
             return StreamingResponse(sse(events(), stream, timer), media_type="text/event-stream", headers=_SSE_HEADERS)
 
@@ -425,7 +506,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             for i in range(body.n)
         ]
         response = ChatCompletionResponse(
-            id=request_id, created=created, model=body.model, choices=items, usage=choices.usage()
+            id=request_id, created=created, model=body.model, choices=items, usage=choices.usage(), rag_sources=sources
         )
         return JSONResponse(response.model_dump())
 

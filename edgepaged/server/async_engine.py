@@ -12,6 +12,11 @@ waiting, with its prompt tokens, from admission until it produces its first toke
 `max_waiting_requests` or `max_waiting_tokens` it is refused with `QueueFull`, which the app
 answers with 429; a request alone in the queue is always admitted, so one long prompt cannot be
 starved by a token bound smaller than the context.
+
+Work that must touch the engine between requests rather than between steps (pinning hot RAG
+prefixes, which runs prefills of its own and would swallow other requests' outputs) goes in
+`on_idle`: the engine thread calls it each time the engine has drained, after the last
+outputs are on their way to the clients.
 """
 
 from __future__ import annotations
@@ -128,6 +133,7 @@ class AsyncEngine:
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
         self.on_failure: Callable[[BaseException], None] | None = None  # e.g. stop the HTTP server
+        self.on_idle: Callable[[], object] | None = None  # engine thread, each time the engine drains
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._admissions: dict[str, asyncio.Future[None]] = {}  # sent to the engine thread, not answered yet
@@ -236,6 +242,8 @@ class AsyncEngine:
                     outputs = self.engine.step()
                     self._track(outputs)
                     self._post(self._deliver, outputs)
+                    if not self.engine.has_unfinished_requests():
+                        self._drained()
                 self._stats = self.engine.stats()
                 self._heartbeat = time.monotonic()
         except BaseException as exc:  # the loop must report any death, not vanish silently
@@ -246,6 +254,16 @@ class AsyncEngine:
         for request_id in list(self._live):
             self.engine.abort_request(request_id)
         self._live.clear()
+
+    def _drained(self) -> None:
+        """Run `on_idle`; its failure is logged, not fatal: serving matters more than upkeep, and
+        a broken engine shows itself at the next step anyway."""
+        if self.on_idle is None:
+            return
+        try:
+            self.on_idle()
+        except Exception:
+            log.exception("idle hook failed")
 
     def _handle_commands(self) -> bool:
         """Apply queued commands; block briefly only when the engine has nothing to do."""

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # Fields of the OpenAI API this server does not implement, with the values that mean "off".
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -89,6 +97,13 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: str | list[int] | list[str] | list[list[int]]
 
+    @model_validator(mode="after")
+    def _no_rag(self) -> CompletionRequest:
+        # Ignoring it would answer without the documents the client asked for.
+        if "rag" in (self.model_extra or {}):
+            raise ValueError("'rag' works with /v1/chat/completions only")
+        return self
+
     @field_validator("prompt")
     @classmethod
     def _single_prompt(cls, prompt: Any) -> str | list[int]:
@@ -118,15 +133,41 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class RagOptions(BaseModel):
+    """The `rag` extension: answer from a collection the server was started with (`--rag`).
+
+    Unknown keys are refused, unlike at the top level: a misspelt `top_k` silently ignored
+    would change which passages the answer comes from.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    collection: str = Field(min_length=1)
+    # Bounded so one request cannot make the server tokenize a whole corpus into one prompt.
+    top_k: int = Field(default=4, ge=1, le=32)
+
+
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions; `max_completion_tokens` is OpenAI's newer name for max_tokens."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    rag: RagOptions | None = None
+
+    @model_validator(mode="after")
+    def _rag_needs_a_question(self) -> ChatCompletionRequest:
+        if self.rag is not None and not self.rag_question:
+            raise ValueError("with 'rag', the last user message is the question: send one that is not empty")
+        return self
 
     @property
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def rag_question(self) -> str:
+        """The text of the last user message ('' if there is none): what a RAG request retrieves for."""
+        users = [m for m in self.messages if m.role == "user"]
+        return users[-1].as_template_dict()["content"].strip() if users else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +202,29 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class RagSource(BaseModel):
+    """A passage a RAG answer was generated from: its file, its chunk number, its similarity."""
+
+    path: str
+    chunk_index: int
+    score: float
+
+
+class _WithRagSources(BaseModel):
+    """Adds `rag_sources` to a chat answer or chunk, after OpenAI's fields, and leaves it out
+    where it is None, so a client that never asked for RAG sees exactly OpenAI's shape."""
+
+    rag_sources: list[RagSource] | None = None
+
+    @model_serializer(mode="wrap")
+    def _sources_last_or_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        sources = data.pop("rag_sources", None)
+        if sources is not None:
+            data["rag_sources"] = sources
+        return data
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
@@ -168,7 +232,7 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_WithRagSources):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -189,7 +253,7 @@ class ChatChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_WithRagSources):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
