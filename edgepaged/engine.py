@@ -7,12 +7,10 @@ server's async front both drive it through `add_request` / `step` / `abort_reque
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
-import psutil
 import torch
 
 from .backends.base import AttentionBackend
@@ -22,12 +20,12 @@ from .errors import RequestError
 from .models.config import ModelConfig
 from .models.llama import LlamaForCausalLM
 from .memory.enforce import cap_process_memory
-from .memory.planner import MemoryPlan, plan_memory
-from .memory.probe import probe_device
+from .memory.planner import MemoryPlan
 from .models.loader import DEFAULT_MODEL, generation_eos_ids, load_tokenizer, resolve_model
 from .profiles import DeviceProfile, load_profile
 from .models.weights import load_weights
 from .model_runner import ModelRunner
+from .planning import plan_for
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .detokenizer import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams, SamplingRow, make_generator
@@ -83,7 +81,10 @@ class LLMEngine:
         self.memory_plan: MemoryPlan | None = None
         num_blocks = config.num_kv_blocks
         if profile is not None:
-            self.memory_plan = plan_for(self, profile, cap_blocks=config.num_kv_blocks)
+            self.memory_plan = plan_for(
+                self.runner, config, self.model_config, profile,
+                weights_bytes=self.weights_bytes, max_model_len=self.max_model_len, cap_blocks=config.num_kv_blocks,
+            )
             num_blocks = self.memory_plan.num_blocks
             cap_process_memory(self.memory_plan, config.device)
         if num_blocks is None:
@@ -341,80 +342,13 @@ def config_from_profile(
     )
 
 
-def measure_activation_and_overhead(runner: ModelRunner, config: EngineConfig, max_model_len: int, weights_bytes: int) -> tuple[int, int]:
-    """Run the profile step and read what it took, with what the runtime itself holds.
-
-    CUDA: the allocator's peak over the run plus what the decode graphs will keep (a trial
-    capture), and the driver's used memory that the allocator
-    does not account for (context, cuBLAS workspaces). CPU: the resident set's peak over the
-    run above where it started, and the resident set beyond the weights before it.
-    """
-    args = (config.max_num_batched_tokens, config.max_num_seqs, max_model_len)
-    if config.device.type == "cuda":
-        dev = config.device
-        torch.cuda.synchronize(dev)
-        before = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        runner.profile_run(*args)
-        torch.cuda.synchronize(dev)
-        activation = torch.cuda.max_memory_allocated(dev) - before
-        torch.cuda.empty_cache()
-        # Decode graphs keep their own memory pool beside the eager activations.
-        activation += runner.measure_graph_bytes()
-        free, total = torch.cuda.mem_get_info(dev)
-        overhead = max(total - free - torch.cuda.memory_reserved(dev), 0)
-        return activation, overhead
-    rss = psutil.Process().memory_info().rss
-    with _PeakRss() as peak:
-        runner.profile_run(*args)
-    return max(peak.bytes - rss, 0), max(rss - weights_bytes, 0)
-
-
-class _PeakRss:
-    """Samples the resident set while a block runs: the CPU allocator keeps no peak statistic,
-    and the process's lifetime high-water mark may predate the block."""
-
-    def __init__(self, interval_s: float = 0.002):
-        self.interval_s = interval_s
-        self.bytes = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        proc = psutil.Process()
-        while not self._stop.is_set():
-            self.bytes = max(self.bytes, proc.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> _PeakRss:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.bytes = max(self.bytes, psutil.Process().memory_info().rss)
-
-
-def plan_for(engine: LLMEngine, profile: DeviceProfile, cap_blocks: int | None) -> MemoryPlan:
-    activation, overhead = measure_activation_and_overhead(engine.runner, engine.config, engine.max_model_len, engine.weights_bytes)
-    dtype_bytes = torch.empty(0, dtype=engine.config.dtype).element_size()
-    return plan_memory(
-        profile,
-        probe_device(profile, engine.config.device),
-        weights_bytes=engine.weights_bytes,
-        activation_bytes=activation,
-        overhead_bytes=overhead,
-        kv_bytes_per_token=engine.model_config.kv_bytes_per_token(dtype_bytes),
-        max_kv_blocks=cap_blocks,
-        max_model_len=engine.max_model_len,
-    )
-
-
 def measure_plan(model: str | Path | None, profile: str | Path | DeviceProfile) -> MemoryPlan:
     """The uncapped memory plan for `model` on this device under `profile` (`edgepaged profile show`)."""
     engine = LLMEngine.from_model(model, profile, max_kv_blocks=1, cuda_graphs=False)
-    return plan_for(engine, engine.profile, cap_blocks=None)
+    return plan_for(
+        engine.runner, engine.config, engine.model_config, engine.profile,
+        weights_bytes=engine.weights_bytes, max_model_len=engine.max_model_len, cap_blocks=None,
+    )
 
 
 def _display_name(model: str | Path | None, folder: Path) -> str:
