@@ -7,7 +7,18 @@
 # and 6 need from a GPU: the probe's GPU test, the TensorRT-style AOT kernel launch check, the
 # memory burst under three profiles and the serving benchmark, on a random-weight SmolLM2-shaped
 # model that uses the real tokenizer carried in .carry/smollm2-tokenizer (the default model's
-# 98 MB GGUF is larger than a call may carry).
+# 98 MB GGUF is larger than a call may carry). The stage "recheck" reruns the fused-kernel and
+# parity tests, the memory burst and the benchmark.
+#
+# Before the call, here (both folders are git-ignored through .git/info/exclude):
+#   mkdir -p .carry/smollm2-tokenizer && cp ~/.cache/edgepaged/models/SmolLM2-135M-Instruct-*/{tokenizer.json,\
+#       tokenizer_config.json,chat_template.jinja,generation_config.json} .carry/smollm2-tokenizer/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform any -d .whl pydantic==2.13.4 pydantic_core==2.46.4 \
+#       annotated-types==0.7.0 typing-inspection==0.4.2 typing_extensions==4.16.0 pytest==9.0.3 pluggy==1.6.0 \
+#       iniconfig==2.3.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 anyio==4.16.0 \
+#       annotated-doc==0.0.7 opentelemetry-api==1.45.2 prometheus-client==0.26.0 httpx==0.28.1 httpcore==1.0.9
+# and run the device call with carry [".whl", ".carry"].
 #
 # 1. set-up: wheels carried in .whl/ (if any) into /tmp/site; the repo importable with kernels/
 #    as edgepaged.kernels (editable install, or a symlink in this disposable copy if pip cannot);
