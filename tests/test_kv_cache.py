@@ -109,6 +109,7 @@ class KVMachine(RuleBasedStateMachine):
         assert len(free) == pool.num_free == sum(1 for b in pool.blocks if b.ref_count == 0)
         assert len({b.block_id for b in free}) == len(free)
         assert pool.num_used + pool.num_free == NUM_BLOCKS
+        assert pool.num_cached_free == sum(1 for b in free if b.block_hash is not None)
         for block_hash, block in pool.cached.items():
             assert block.block_hash == block_hash
 

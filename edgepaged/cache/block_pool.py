@@ -87,16 +87,13 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_list = _FreeList(self.blocks)
         self.cached: dict[BlockHash, Block] = {}
+        self.num_cached_free = 0  # free blocks still indexed by prefix hash (kept as a counter: stats are read every step)
         self.num_evictions = 0
 
     @property
     def num_free(self) -> int:
         """Blocks an allocation may take now (cached free ones included: they are evictable)."""
         return self.free_list.size
-
-    @property
-    def num_cached_free(self) -> int:
-        return sum(1 for b in self.free_list if b.block_hash is not None)
 
     @property
     def num_used(self) -> int:
@@ -110,6 +107,7 @@ class BlockPool:
         for _ in range(n):
             block = self.free_list.pop_front()
             if block.block_hash is not None:
+                self.num_cached_free -= 1
                 del self.cached[block.block_hash]
                 block.block_hash = None
                 self.num_evictions += 1
@@ -124,6 +122,7 @@ class BlockPool:
         """Take one more reference to a block found in the cache (it may be free right now)."""
         if block.ref_count == 0:
             self.free_list.remove(block)
+            self.num_cached_free -= block.block_hash is not None
         block.ref_count += 1
 
     def release(self, blocks: Iterable[Block]) -> None:
@@ -137,6 +136,7 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_list.push_back(block)
+                self.num_cached_free += block.block_hash is not None
 
     def register(self, block: Block, block_hash: BlockHash) -> None:
         """Make a just-filled block findable by its prefix hash.
@@ -144,6 +144,7 @@ class BlockPool:
         If an identical block is already indexed the new one stays anonymous: the index maps a
         hash to one block, and both hold the same keys and values anyway.
         """
+        assert block.ref_count > 0, "only a block a sequence holds can be filled and indexed"
         if not self.enable_caching or block.block_hash is not None:
             return
         if block_hash not in self.cached:
@@ -158,4 +159,5 @@ class BlockPool:
                 del self.cached[block.block_hash]
                 block.block_hash = None
                 dropped += 1
+        self.num_cached_free = 0
         return dropped

@@ -60,11 +60,16 @@ class KVCacheManager:
     def _block_hashes(self, seq: SequenceView, num_full_blocks: int) -> list[BlockHash]:
         """The chained hashes of the sequence's first full blocks, extended incrementally."""
         hashes = self._hashes.setdefault(seq.seq_id, [])
-        bs = self.block_size
-        while len(hashes) < num_full_blocks:
-            i = len(hashes)
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs]))
+        if len(hashes) < num_full_blocks:
+            hashes.extend(self._chain(seq.token_ids, len(hashes), num_full_blocks, hashes[-1] if hashes else None))
         return hashes[:num_full_blocks]
+
+    def _chain(self, token_ids: Sequence[int], start: int, stop: int, parent: BlockHash | None):
+        """Hashes of full blocks `start` up to `stop` of `token_ids`, chained from `parent`."""
+        bs = self.block_size
+        for i in range(start, stop):
+            parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
+            yield parent
 
     def find_prefix(self, seq: SequenceView) -> PrefixHit:
         """The longest run of cached full blocks matching the sequence's start.
@@ -160,12 +165,9 @@ class KVCacheManager:
 
     def pin(self, token_ids: Sequence[int]) -> int:
         """Hold an extra reference on the cached full blocks of `token_ids` so LRU never evicts them."""
-        parent: BlockHash | None = None
         pinned = 0
-        bs = self.block_size
-        for i in range(len(token_ids) // bs):
-            parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
-            block = self.pool.lookup(parent)
+        for block_hash in self._chain(token_ids, 0, len(token_ids) // self.block_size, None):
+            block = self.pool.lookup(block_hash)
             if block is None:
                 break
             self.pool.acquire(block)
