@@ -265,8 +265,11 @@ def test_serve_process_notifies_and_drains_on_sigterm(tiny_model_dir, tmp_path):
         try:
             late = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "late"}, timeout=10)
             assert late.status_code == 503  # refused while draining, if the listener was still open
-        except httpx.ConnectError:
-            pass  # or the listener is already closed
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+            # Or the listener is closed (refused), or closed while this connection sat
+            # in its backlog (reset before any request was read): either way nothing
+            # was accepted, so nothing is lost.
+            pass
         for t in threads:
             t.join(timeout=120)
         for r in results:
