@@ -59,6 +59,19 @@ def stage(arrays: Sequence[np.ndarray], device: torch.device, out: torch.Tensor 
     ]
 
 
+@dataclass(slots=True)
+class TokenFeed:
+    """The tokens the previous step sampled, still on the device, for a step launched before
+    the host has read them: `rows` maps a sequence id to its token's index in `tokens`."""
+
+    tokens: torch.Tensor  # int64 [R]
+    rows: dict[int, int]
+
+    def fill(self, input_ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+        """input_ids[rows] = tokens[src], on the device, in stream order after the sampler."""
+        input_ids.index_copy_(0, rows, self.tokens.index_select(0, src))
+
+
 def graphs_requested(flag: bool | None) -> bool:
     """An explicit flag wins; otherwise EDGEPAGED_CUDA_GRAPHS=0 turns graphs off (default on)."""
     if flag is not None:
@@ -105,8 +118,9 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_num_seqs)
         largest, width = self.sizes[-1], -(-max_model_len // block_size)
         # Per row: token id, position and slot (int64) and context length (int32); then room for
-        # a step's block tables packed to their own width; each of the five arrays aligned.
-        capacity = largest * (28 + 4 * width) + 5 * _ALIGN
+        # a step's block tables packed to their own width, and for a token feed's rows and
+        # sources (int64 each); each of the seven arrays aligned.
+        capacity = largest * (44 + 4 * width) + 7 * _ALIGN
         self.inputs = torch.empty(capacity, dtype=torch.uint8, device=self.device)
         self.block_tables = torch.zeros(largest, width, dtype=torch.int32, device=self.device)
         self.graphs: dict[int, _Graph] = {}
@@ -127,7 +141,11 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         for size in reversed(self.sizes):
             padding = [_padded(np.zeros(0), size, dtype, fill) for dtype, fill in _INPUTS]
-            ids, positions, slots, context_lens = self._stage(padding, np.zeros((size, 1), np.int32))[:4]
+            # The layout of the static buffer depends only on the batch size, so a replay finds
+            # its inputs where they were at capture.
+            ids, positions, slots, context_lens = stage(
+                [*padding, np.zeros((size, 1), np.int32)], self.device, out=self.inputs
+            )[:4]
             batch = AttentionBatch(
                 slot_mapping=slots,
                 num_decode_tokens=size,
@@ -171,17 +189,21 @@ class DecodeGraphs:
         slot_mapping: np.ndarray,
         context_lens: np.ndarray,
         block_tables: np.ndarray,
+        feed: tuple[TokenFeed, np.ndarray, np.ndarray] | None = None,
     ) -> torch.Tensor:
         """Replay the decode step for these rows (one token each); hidden states [rows, hidden].
 
-        The result is a view of the graph's output: read it before the next replay.
+        `feed` (tokens, rows, sources) fills the input ids of rows whose token is still on the
+        device. The result is a view of the graph's output: read it before the next replay.
         """
         n = input_ids.shape[0]
         size = self.size_for(n)
         assert size is not None, f"{n} rows exceed the largest captured batch {self.sizes[-1]}"
         rows = (input_ids, positions, slot_mapping, context_lens)
         padded = [_padded(a, size, dtype, fill) for a, (dtype, fill) in zip(rows, _INPUTS)]
-        views = self._stage(padded, block_tables)
+        views = stage([*padded, block_tables, *(feed[1:] if feed else ())], self.device, out=self.inputs)
+        if feed:
+            feed[0].fill(views[0], views[5], views[6])
         # The tables travel packed to this step's width; the graph reads them at full width.
         self.block_tables[:n, : block_tables.shape[1]].copy_(views[4])
         entry = self.graphs[size]
@@ -189,10 +211,6 @@ class DecodeGraphs:
         self.replays += 1
         return entry.hidden[:n]
 
-    def _stage(self, rows: list[np.ndarray], block_tables: np.ndarray) -> list[torch.Tensor]:
-        """Copy one step's inputs into the static buffer; the layout depends only on the batch
-        size, so a graph finds its inputs where they were at capture."""
-        return stage([*rows, block_tables], self.device, out=self.inputs)
 
 
 # The graph inputs per row, in staging order, and the value a padded row carries.

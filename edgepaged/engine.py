@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
+import numpy as np
 import torch
 
 from .backends.base import AttentionBackend
@@ -24,12 +26,13 @@ from .memory.planner import MemoryPlan
 from .models.loader import DEFAULT_MODEL, generation_eos_ids, load_tokenizer, resolve_model
 from .profiles import DeviceProfile, load_profile
 from .models.weights import load_weights
+from .cuda_graph import TokenFeed, stage
 from .model_runner import ModelRunner
 from .planning import plan_for
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .detokenizer import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams, SamplingRow, make_generator
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request, Sequence, SequenceStatus
 
 
@@ -102,6 +105,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.peak_blocks_used = 0
         self.peak_running = 0
+        self._in_flight: _StepInFlight | None = None
 
     @classmethod
     def from_model(
@@ -186,21 +190,39 @@ class LLMEngine:
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
+        """A step left in flight after the last request finished holds only dropped tokens;
+        the next step lands it."""
         return bool(self.requests)
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Launch one scheduled step; return the outputs of the tokens that landed.
+
+        Overlapping (on CUDA), a step is launched before the previous step's tokens are read:
+        its sequences take those tokens from the device, and the host reads them, appends,
+        detokenizes and checks stops while the GPU runs the new step. A sequence that stopped
+        on a token read late has computed one token too many; that token is dropped.
+        """
         sched = self.scheduler.schedule()
-        if not sched.chunks:
-            return []
-        result = self.runner.execute(sched, self.kv)
+        launched = self._launch(sched) if sched.chunks else None
+        outputs = self._land(self._in_flight) if self._in_flight is not None else []
+        self._in_flight = launched
+        if launched is not None and not self.config.overlaps_steps:
+            self._in_flight = None
+            outputs += self._land(launched)
+        return outputs
+
+    def _launch(self, sched: SchedulerOutput) -> _StepInFlight | None:
+        flight = self._in_flight
+        feed = TokenFeed(flight.tokens, flight.rows) if flight is not None else None
+        result = self.runner.execute(sched, self.kv, feed)
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.kv.commit(chunk.seq)
         self.peak_blocks_used = max(self.peak_blocks_used, self.kv.pool.num_used)
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
         if result.logits is None:
-            return []
+            return None
         seqs, rows = [], []
         for row, chunk in enumerate(result.sampled):
             seq = chunk.seq
@@ -215,11 +237,23 @@ class LLMEngine:
                     self.scheduler.add_running(child)
                     seqs.append(child)
                     rows.append(row)
-        logits = result.logits if len(rows) == len(result.sampled) else result.logits[torch.tensor(rows, device=result.logits.device)]
+        logits = result.logits
+        if len(rows) != len(result.sampled):
+            (index,) = stage([np.array(rows, dtype=np.int64)], logits.device)
+            logits = logits[index]
         tokens = self.sampler(logits, [SamplingRow(s.request.params, s.generator) for s in seqs])
+        for seq in seqs:
+            seq.num_pending += 1
+        return _StepInFlight(seqs, tokens, _TokensToHost(tokens), {s.seq_id: i for i, s in enumerate(seqs)})
+
+    def _land(self, flight: _StepInFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for that step only) and apply them."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, token in zip(seqs, tokens):
+        for seq, token in zip(flight.seqs, flight.host.values()):
+            seq.num_pending -= 1
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # stopped or aborted while this step ran: its token is dropped
             request = seq.request
             if request.first_token_time is None:
                 request.first_token_time = now
@@ -236,13 +270,15 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         self.generation_tokens_total += 1
+        if seq.status is SequenceStatus.RUNNING:
+            self.kv.commit(seq)  # a block the step in flight completes can be indexed now
         params = seq.request.params
         reason = None
         if seq.detokenizer is not None:
             seq.detokenizer.add(token)
         if token in params.stop_token_ids or (not params.ignore_eos and token in seq.request.eos_token_ids):
             reason = "stop"
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= seq.request.max_total_tokens:
+        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= seq.request.max_total_tokens:
             reason = "length"
         det = seq.detokenizer
         if det is not None:
@@ -366,3 +402,33 @@ def _find_stop(text: str, stops: list[str], new_chars: int) -> int | None:
         if at != -1 and (best is None or at < best):
             best = at
     return best
+
+
+class _TokensToHost:
+    """A step's sampled tokens on their way to the host.
+
+    The copy is queued right behind the sampler, so reading it waits for that step only, not
+    for a step launched after it.
+    """
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = tokens, None
+
+    def values(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
+@dataclass(slots=True)
+class _StepInFlight:
+    seqs: list[Sequence]  # one per sampled row, forked samples included
+    tokens: torch.Tensor  # [len(seqs)] on the device: the next step's inputs
+    host: _TokensToHost
+    rows: dict[int, int]  # seq_id -> index in tokens

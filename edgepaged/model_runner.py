@@ -19,7 +19,7 @@ import torch
 
 from .backends.base import AttentionBackend, AttentionBatch
 from .cache import KVCacheManager
-from .cuda_graph import DecodeGraphs, graphs_requested, stage
+from .cuda_graph import DecodeGraphs, TokenFeed, graphs_requested, stage
 from .models.llama import LlamaForCausalLM
 from .scheduler import ScheduledChunk, SchedulerOutput
 
@@ -207,10 +207,7 @@ class ModelRunner:
         self.graphs = None  # graphs of an earlier pool must not outlive it
         self._allocate(num_blocks)
         if self._graphs_apply():
-            self.graphs = DecodeGraphs(
-                self.model, self.backend, self.kv_caches, self.block_size, self.max_num_seqs, self.max_model_len
-            )
-            self.graphs.capture()
+            self.graphs = self._capture_graphs()
 
     def measure_graph_bytes(self) -> int:
         """What the decode graphs will hold, measured by a trial capture over a throwaway cache
@@ -220,15 +217,20 @@ class ModelRunner:
         saved = self.kv_cache, self.kv_caches
         self._allocate(-(-self.max_model_len // self.block_size))
         try:
-            trial = DecodeGraphs(
-                self.model, self.backend, self.kv_caches, self.block_size, self.max_num_seqs, self.max_model_len
-            )
-            trial.capture()
+            trial = self._capture_graphs()
             return trial.memory_bytes
         finally:
             trial = None  # the trial graphs and their pool go before the real pool is allocated
             self.kv_cache, self.kv_caches = saved
             torch.cuda.empty_cache()
+
+    def _capture_graphs(self) -> DecodeGraphs:
+        """Graphs over the current pool, wide enough for a full decode batch and for one chunk
+        of GRAPH_MAX_CHUNK tokens even where max_num_seqs is smaller (a cached prefix's tail)."""
+        rows = max(self.max_num_seqs, GRAPH_MAX_CHUNK)
+        graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, self.block_size, rows, self.max_model_len)
+        graphs.capture()
+        return graphs
 
     def _allocate(self, num_blocks: int) -> None:
         cfg = self.model.config
@@ -290,17 +292,22 @@ class ModelRunner:
         self.kv_cache[:, :, pairs[1]] = self.kv_cache[:, :, pairs[0]]
 
     def build_step(self, chunks: list[ScheduledChunk], kv: KVCacheManager, tables_changed: bool) -> HostStep:
-        """The step's host inputs; `chunks` must list the one-token chunks first."""
+        """The step's host inputs; `chunks` must list the one-token chunks first.
+
+        A token still on the device (see `TokenFeed`) is a placeholder 0 here; it only ever
+        sits in a one-token chunk, so its row is its chunk's index.
+        """
         n = len(chunks)
         seqs = [c.seq for c in chunks]
         computed = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=n)
         query_lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=n)
         total = int(query_lens.sum())
         if total == n:
-            tokens = (s.token_ids[s.num_computed_tokens] for s in seqs)
+            tokens = (0 if s.num_pending else s.token_ids[s.num_computed_tokens] for s in seqs)
         else:
             tokens = itertools.chain.from_iterable(
-                s.token_ids[s.num_computed_tokens : s.num_computed_tokens + c.num_tokens] for s, c in zip(seqs, chunks)
+                s.token_ids[s.num_computed_tokens : s.num_computed_tokens + c.num_tokens] or [0]
+                for s, c in zip(seqs, chunks)
             )
         input_ids = np.fromiter(tokens, dtype=np.int64, count=total)
         tables = self._tables.gather([s.seq_id for s in seqs], kv, tables_changed)
@@ -308,29 +315,38 @@ class ModelRunner:
         return host_step(input_ids, computed, query_lens, tables, sampled, self.block_size)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> StepResult:
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager, feed: TokenFeed | None = None) -> StepResult:
+        """Launch the step; nothing here waits for the device. `feed` holds the tokens of
+        sequences whose last sample is still on the device (the engine overlapping steps)."""
         self.copy_blocks(out.block_copies)
         chunks = [c for c in out.chunks if c.num_tokens == 1] + [c for c in out.chunks if c.num_tokens > 1]
         step = self.build_step(chunks, kv, tables_changed=bool(out.block_copies))
+        fed = _fed_rows(chunks, feed)
+        feed_args = (feed, *fed) if feed is not None and fed is not None else None
         graphs = self.graphs
         if graphs and step.max_query_len <= GRAPH_MAX_CHUNK and graphs.size_for(step.input_ids.shape[0]):
-            hidden = graphs.run(step.input_ids, step.positions, step.slot_mapping, *step.token_rows())
+            hidden = graphs.run(
+                step.input_ids, step.positions, step.slot_mapping, *step.token_rows(), feed=feed_args
+            )
         else:
-            hidden = self._forward_eager(step)
+            hidden = self._forward_eager(step, feed_args)
         if not step.sample_rows.shape[0]:
             return StepResult(None, [])
         sampled = [c for c in chunks if c.completes_prompt]
         return StepResult(self._sample(step, hidden), sampled)
 
-    def _forward_eager(self, step: HostStep) -> torch.Tensor:
+    def _forward_eager(self, step: HostStep, feed: tuple[TokenFeed, np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
         nd = step.num_decode
         prefill_lens = step.query_lens[nd:]
         starts = np.zeros(prefill_lens.shape[0] + 1, dtype=np.int32)
         np.cumsum(prefill_lens, out=starts[1:])
-        ids, positions, slots, context_lens, starts, tables = stage(
-            [step.input_ids, step.positions, step.slot_mapping, step.context_lens, starts, step.block_tables],
+        ids, positions, slots, context_lens, starts, tables, *fed = stage(
+            [step.input_ids, step.positions, step.slot_mapping, step.context_lens, starts, step.block_tables,
+             *(feed[1:] if feed else ())],
             self.device,
         )
+        if feed:
+            feed[0].fill(ids, *fed)
         batch = AttentionBatch(
             slot_mapping=slots,
             num_decode_tokens=nd,
@@ -352,3 +368,14 @@ class ModelRunner:
             return self.model.compute_logits(hidden)
         (rows,) = stage([step.sample_rows], self.device)
         return self.model.compute_logits(hidden[rows])
+
+
+def _fed_rows(chunks: list[ScheduledChunk], feed: TokenFeed | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Token rows whose input is still on the device, and where in `feed.tokens` each one is."""
+    if feed is None:
+        return None
+    rows = [i for i, c in enumerate(chunks) if c.seq.num_pending]
+    if not rows:
+        return None
+    src = [feed.rows[chunks[i].seq.seq_id] for i in rows]
+    return np.array(rows, dtype=np.int64), np.array(src, dtype=np.int64)

@@ -70,32 +70,39 @@ class SamplingRow:
 
 
 class Sampler:
-    """Turns one logits row per sampled sequence into one token id per row."""
+    """Turns one logits row per sampled sequence into one token id per row.
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    The result stays on the device and nothing here waits for it: parameters travel in pinned
+    memory without blocking, so the engine can launch the next step before these tokens exist.
+    """
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         logits = logits.float()
         greedy_tokens = logits.argmax(dim=-1)
         if all(r.params.greedy for r in rows):
-            return greedy_tokens.tolist()
+            return greedy_tokens
         device = logits.device
-        temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)
+        temps = _to_device([r.params.temperature or 1.0 for r in rows], torch.float32, device)
         logits = logits / temps.unsqueeze(1)
         top_k = [r.params.top_k for r in rows]
         top_p = [r.params.top_p for r in rows]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             logits = _mask_top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=device).exponential_()
+        noise = torch.empty_like(probs).exponential_()
         for i, r in enumerate(rows):
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
         # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([r.params.greedy for r in rows], device=device)
-        return torch.where(is_greedy, greedy_tokens, sampled).tolist()
+        is_greedy = _to_device([r.params.greedy for r in rows], torch.bool, device)
+        return torch.where(is_greedy, greedy_tokens, sampled)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-step tensor, copied to the GPU without a stream synchronisation."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 def _mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -103,10 +110,10 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device).unsqueeze(1)
+    k = _to_device([kk if kk > 0 else vocab for kk in top_k], torch.int64, logits.device).unsqueeze(1)
     drop = ranks >= k
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+    p = _to_device(top_p, torch.float32, logits.device).unsqueeze(1)
     sorted_probs = sorted_logits.softmax(dim=-1)
     # Drop a token when the tokens ranked above it already cover p; the top token always stays.
     drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= p

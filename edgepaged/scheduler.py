@@ -6,6 +6,10 @@ waiting sequences, each only if the pool has blocks for its first chunk. When a 
 sequence cannot grow, the newest running sequence is preempted: its blocks go back to the pool
 and it waits at the front of the queue to be recomputed, prefix cache permitting, so nothing is
 lost and the oldest requests always make progress.
+
+With overlapped steps (see engine.py) a sequence may have its newest token still on the device:
+`Sequence.num_tokens` counts it, so its next one-token chunk is planned as usual, and a sequence
+whose token in flight is its last gets nothing more.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.last_token_in_flight:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.can_allocate(seq, n):
                 victim = self.running.pop()
@@ -82,6 +89,8 @@ class Scheduler:
         # After a preemption the pool is tight: admitting now would only preempt again.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted while its token was on the device: it lands next step
+                break
             hit = self.kv.find_prefix(seq)
             n = min(seq.num_tokens - hit.num_tokens, budget)
             if not self.kv.can_allocate(seq, n, hit):

@@ -57,10 +57,27 @@ class Sequence:
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
     visible_text_len: int = 0  # how much of the detokenized text may be shown (stop holdback)
+    # Sampled by steps still on the device, not yet in token_ids: at most one when a step is
+    # scheduled, two for the moment between launching a step and landing the one before.
+    num_pending: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the sequence holds, counting one still on the device: the scheduler plans
+        the next step with it, and the model runner feeds it from the device."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def last_token_in_flight(self) -> bool:
+        """The token on the device is the last this sequence may produce (max_tokens or the
+        context): nothing more is scheduled for it, it finishes when that token lands."""
+        if not self.num_pending:
+            return False
+        params = self.request.params
+        return (
+            self.num_output_tokens + self.num_pending >= params.max_tokens
+            or self.num_tokens >= self.request.max_total_tokens
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -7,13 +7,15 @@ Model shapes are SmolLM2-135M and Llama-3.2-1B with random bf16 weights from the
 (speed does not depend on the values; prompts are token ids, so no tokenizer is needed). Within
 --budget-s (a part that no longer fits is skipped and the report says so), edgepaged runs 1-3 on
 every shape first, then the peers (4) run shape by shape:
-  1. batch-1 decode tokens/s, CUDA graphs on and off, and the fraction of the roofline: weight
-     bytes per step over the device-to-device copy bandwidth measured in this run; a
-     torch.profiler summary of those steps says where the time goes;
+  1. batch-1 decode tokens/s (CUDA graphs with overlapped steps, graphs one step at a time,
+     eager) and the fraction of the roofline: weight bytes per step over the device-to-device
+     copy bandwidth measured in this run; a torch.profiler summary of those steps and a cProfile
+     of the host's side say where the time goes;
   2. the RAG workload: 256 requests sharing a 1,024-token prefix, 64-512 unique tokens each,
      128 output tokens (ignore_eos), all submitted at once: output tokens/s, TTFT p50/p99, KV use
      at the peak (slots holding live tokens / slots in allocated blocks), concurrency against a
-     contiguous cache in the same memory, and a profile of steady-state decode steps;
+     contiguous cache in the same memory, and a profile of steady-state decode steps; with
+     --compare-block-size, the workload again on an engine with that KV block size;
   3. TTFT of a request whose 2,048-token prefix is cached against one whose prefix is not;
   4. the peers on the same requests, each in a child process (isolated memory, bounded time, a
      failure is reported, not fatal): transformers `generate` with its contiguous cache, left
@@ -25,6 +27,7 @@ every shape first, then the peers (4) run shape by shape:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import inspect
 import json
@@ -140,15 +143,17 @@ class KvUse:
 
 
 def batch1_decode(engine, vocab: int, weights_bytes: int, copy_gbps: float) -> dict:
-    """Tokens/s of one sequence (128-token prompt, 256 new tokens), graphs on and off."""
+    """Tokens/s of one sequence (128-token prompt, 256 new tokens): graphs with overlapped steps
+    (the default), graphs one step at a time, and eager."""
     from edgepaged import SamplingParams
 
     prompt = np.random.default_rng(7).integers(1, vocab, 128).tolist()
     result = {}
-    graphs = engine.runner.graphs
+    graphs, config = engine.runner.graphs, engine.config
     try:
-        for label, use_graphs in (("graphs", True), ("eager", False)):
+        for label, use_graphs, overlap in (("graphs", True, True), ("graphs_sync", True, False), ("eager", False, True)):
             engine.runner.graphs = graphs if use_graphs else None
+            engine.config = dataclasses.replace(config, overlap_steps=overlap)
             for attempt in range(2):  # the first pass warms up
                 params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
                 engine.add_request(f"b1-{label}-{attempt}", prompt, params)
@@ -158,7 +163,7 @@ def batch1_decode(engine, vocab: int, weights_bytes: int, copy_gbps: float) -> d
                     times.append(time.perf_counter())
             result[f"{label}_tok_s"] = (len(times) - 2) / (times[-1] - times[1])  # decode steps only
     finally:
-        engine.runner.graphs = graphs
+        engine.runner.graphs, engine.config = graphs, config
     roofline_s = weights_bytes / (copy_gbps * 1e9)
     result |= {
         "weights_bytes": weights_bytes,
@@ -201,6 +206,36 @@ def profile_steps(engine, num_steps: int) -> dict:
             for e in top
         ],
     }
+
+
+def host_profile(engine, vocab: int, num_steps: int = 100) -> dict:
+    """cProfile over batch-1 decode steps (graphs, overlapped): host milliseconds per step by
+    function, including the time spent waiting for the GPU (the token event's synchronize)."""
+    import cProfile
+    import pstats
+
+    from edgepaged import SamplingParams
+
+    prompt = np.random.default_rng(9).integers(1, vocab, 128).tolist()
+    engine.add_request("host-prof", prompt, SamplingParams(temperature=0.0, max_tokens=num_steps + 8, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(num_steps):
+        engine.step()
+    prof.disable()
+    wall = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(
+        ({"function": f"{Path(f).name}:{line}({name})", "self_ms_per_step": tt * 1e3 / num_steps,
+          "total_ms_per_step": ct * 1e3 / num_steps} for (f, line, name), (_, _, tt, ct, _) in stats.items()),
+        key=lambda r: -r["self_ms_per_step"],
+    )
+    return {"steps": num_steps, "wall_ms_per_step_profiled": wall * 1e3 / num_steps, "top_self": rows[:12]}
 
 
 def kernel_kind(name: str) -> str:
@@ -268,6 +303,24 @@ def cached_prefix_ttft(engine, vocab: int, rounds: int = 3) -> dict:
     }
 
 
+def rag_at_block_size(folder: Path, profile: str, block_size: int, prompts: list[list[int]]) -> dict:
+    """The RAG workload alone on an engine whose profile differs only in the KV block size."""
+    from edgepaged.engine import LLMEngine
+    from edgepaged.profiles import load_profile
+
+    base = load_profile(profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{base.name}-bs{block_size}.yaml"
+        path.write_text(f"extends: {profile}\nname: {base.name}-bs{block_size}\nkv_cache:\n  block_size: {block_size}\n")
+        engine = LLMEngine.from_model(folder, profile=path, backend="triton")
+    run_requests(engine, rag_prompts(engine.model_config.vocab_size, 32, seed=100), max_tokens=16)
+    kv_use = KvUse(engine)
+    rag = run_requests(engine, prompts, OUTPUT_TOKENS, on_step=kv_use)
+    rag |= {"block_size": block_size, "kv_use_at_peak": kv_use.use, "peak_blocks_used": kv_use.peak_blocks,
+            "empty_slots_at_peak": kv_use.empty_slots, "prefix_hit_rate": engine.stats().prefix_hit_rate}
+    return rag
+
+
 def bench_edgepaged(folder: Path, profile: str, prompts: list[list[int]], copy_gbps: float) -> dict:
     from edgepaged.engine import LLMEngine
 
@@ -316,6 +369,7 @@ def bench_edgepaged(folder: Path, profile: str, prompts: list[list[int]], copy_g
     result["prefix_ttft"] = cached_prefix_ttft(engine, vocab)
     # Profiles last: a profiler failure costs only its own entry.
     result["batch1_profile"] = guarded(engine, profile_batch1, engine, vocab)
+    result["batch1_host_profile"] = guarded(engine, host_profile, engine, vocab)
     result["rag_decode_profile"] = guarded(engine, profile_rag_decode, engine, prompts)
     return result
 
@@ -559,13 +613,23 @@ def markdown(results: dict) -> str:
             lines += [
                 "### Batch-1 decode",
                 "",
-                f"{b['graphs_tok_s']:.0f} tok/s with CUDA graphs, {b['eager_tok_s']:.0f} tok/s eager; roofline "
+                f"{b['graphs_tok_s']:.0f} tok/s with CUDA graphs and overlapped steps, "
+                f"{b.get('graphs_sync_tok_s', float('nan')):.0f} tok/s with graphs one step at a time, "
+                f"{b['eager_tok_s']:.0f} tok/s eager; roofline "
                 f"{b['roofline_tok_s']:.0f} tok/s ({b['weights_bytes'] / 1e6:.0f} MB of weights per step at the copy "
                 f"bandwidth): **{b['fraction_of_roofline']:.1%} of roofline**.",
             ]
             profiles = e.get("batch1_profile", {})
             for label, p in ({"all": profiles} if "error" in profiles else profiles).items():
                 lines += ["", f"Profile, batch 1, {label}: " + profile_line(p), "", profile_table(p)]
+            host = e.get("batch1_host_profile", {})
+            if "top_self" in host:
+                lines += [
+                    "", f"Host, batch 1 (cProfile over {host['steps']} overlapped graph steps, "
+                    f"{host['wall_ms_per_step_profiled']:.2f} ms per step under the profiler; the event wait is time "
+                    "the host had nothing to do but wait for the GPU):", "",
+                    "| function | self ms per step | total ms per step |", "|---|---:|---:|",
+                ] + [f"| `{r['function']}` | {r['self_ms_per_step']:.3f} | {r['total_ms_per_step']:.3f} |" for r in host["top_self"]]
         if "rag" in e:
             rag, cap = e["rag"], e["rag"]["capacity"]
             lines += [
@@ -580,6 +644,15 @@ def markdown(results: dict) -> str:
                 f"prefix hit rate {rag['prefix_hit_rate']:.1%}, {rag['graph_replays']} decode steps from graphs, "
                 f"{rag['preemptions']} preemptions |",
             ]
+            other = r.get("rag_other_block_size")
+            if other and "output_tok_s" in other:
+                lines.append(
+                    f"| edgepaged, block size {other['block_size']} | {other['output_tok_s']:,.0f} | {other['wall_s']:.2f} | "
+                    f"{other['ttft_p50_s']:.3f} | {other['ttft_p99_s']:.3f} | KV use at peak {other['kv_use_at_peak']:.2%}, "
+                    f"prefix hit rate {other['prefix_hit_rate']:.1%} |"
+                )
+            elif other:
+                lines.append(f"| edgepaged, other block size | - | - | - | - | failed: {other['error'].strip().splitlines()[-1][:160]} |")
             for name, p in r.get("peers", {}).items():
                 if p.get("output_tok_s"):
                     note = f"batch {p['batch_size']}" if "batch_size" in p else p.get("timing", "")
@@ -665,6 +738,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=360, help="parts that no longer fit are skipped")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--compare-block-size", type=int, help="also run the RAG workload with this KV block size")
+    parser.add_argument("--tag", help="appended to the report's file name (runs split over several calls)")
     parser.add_argument("--peer", choices=sorted(PEERS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -699,7 +774,7 @@ def main() -> None:
         "copy_gbps": copy_gbps(),
         "models": {},
     }
-    stem = args.out_dir / f"gpu-{card_slug(device)}-{results['date']}"
+    stem = args.out_dir / f"gpu-{card_slug(device)}-{results['date']}{'-' + args.tag if args.tag else ''}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -725,6 +800,13 @@ def main() -> None:
             entry["edgepaged"] = {"error": traceback.format_exc()[-3000:]}
         gc.collect()  # the engine (and its KV pool) must be gone before anything else runs
         torch.cuda.empty_cache()
+        if args.compare_block_size and budget.allows("engine"):
+            try:
+                entry["rag_other_block_size"] = rag_at_block_size(folder, profile, args.compare_block_size, prompts)
+            except Exception:
+                entry["rag_other_block_size"] = {"error": traceback.format_exc()[-3000:]}
+            gc.collect()
+            torch.cuda.empty_cache()
         save()
     for shape, (folder, prompts) in ({} if args.skip_peers else workloads).items():
         workload = models_dir / f"{shape}-rag.json"

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Everything issue 4 needs from one GPU, in one call of at most ~9.5 minutes, results in $OUT.
+# What issues 3 to 7 need from one GPU, one stage per call of at most ~9.5 minutes, results in $OUT.
 #
-#   OUT=/path/that/comes/back bash scripts/gpu_session.sh [kernels|serving]
+#   OUT=/path/that/comes/back bash scripts/gpu_session.sh [kernels|serving|recheck|overlap|llama1b|rag]
 #
 # The stage "kernels" (default) is issue 4's run, below. The stage "serving" runs what issues 3, 5
 # and 6 need from a GPU: the probe's GPU test, the TensorRT-style AOT kernel launch check, the
 # memory burst under three profiles and the serving benchmark, on a random-weight SmolLM2-shaped
 # model that uses the real tokenizer carried in .carry/smollm2-tokenizer (the default model's
 # 98 MB GGUF is larger than a call may carry). The stage "recheck" reruns the fused-kernel and
-# parity tests, the memory burst and the benchmark.
+# parity tests, the memory burst and the benchmark. The stages "overlap" and "llama1b" rerun issue
+# 4's GPU tests and its benchmark (SmolLM2, then Llama-3.2-1B, one call each, reports tagged by
+# model) with overlapped steps, comparing KV block sizes 8 and 16. The stage "rag" runs issue 7's RAG benchmark
+# (scripts/bench_rag.py: canonical vs score-ordered layout vs no prefix cache, 200 questions,
+# 32 output tokens) on the same random-weight model, with the fp16 copy of the embedding model
+# carried in .carry/minilm-fp16 (the packaged 90 MB original does not fit either), in about 4 min;
+# $OUT then receives session.log, steps.log and the benchmark's rag-<card>-<date>.md and .json:
+#   device call: OUT=$OUT bash scripts/gpu_session.sh rag     with carry [".whl", ".carry"]
 #
 # Before the call, here (both folders are git-ignored through .git/info/exclude):
 #   mkdir -p .carry/smollm2-tokenizer && cp ~/.cache/edgepaged/models/SmolLM2-135M-Instruct-*/{tokenizer.json,\
 #       tokenizer_config.json,chat_template.jinja,generation_config.json} .carry/smollm2-tokenizer/
+#   python3 scripts/write_embedding_copy.py .carry/minilm-fp16     # 44 MiB; stage "rag" only
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 --platform any -d .whl pydantic==2.13.4 pydantic_core==2.46.4 \
 #       annotated-types==0.7.0 typing-inspection==0.4.2 typing_extensions==4.16.0 pytest==9.0.3 pluggy==1.6.0 \
 #       iniconfig==2.3.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 anyio==4.16.0 \
 #       annotated-doc==0.0.7 opentelemetry-api==1.45.2 prometheus-client==0.26.0 httpx==0.28.1 httpcore==1.0.9
-# and run the device call with carry [".whl", ".carry"].
+# and run the device call with carry [".whl", ".carry"] (about 52 MiB with the embedding copy, of
+# the 64 MiB a call may carry with the tree; leave .carry/minilm-fp16 out of .carry for other stages
+# if space runs short).
 #
 # 1. set-up: wheels carried in .whl/ (if any) into /tmp/site; the repo importable with kernels/
 #    as edgepaged.kernels (editable install, or a symlink in this disposable copy if pip cannot);
@@ -50,7 +60,7 @@ finish() {
         [ -e "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; } >>"$OUT/steps.log"
     done
     find docs/benchmarks -newer "$STAMP" \( -name 'gpu-*' -o -name 'kernels-*' -o -name 'memory-*' -o -name 'serve-*' \
-        -o -name 'tensorrt-*' \) -exec cp {} "$OUT"/ \;
+        -o -name 'tensorrt-*' -o -name 'rag-*' \) -exec cp {} "$OUT"/ \;
     say "== done after $((SECONDS - START)) s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
 trap finish EXIT
@@ -117,6 +127,49 @@ write_random_model(Path('$RAND'), 'smollm2-135m', tokenizer_from=Path('.carry/sm
     grep -h -E "GiB, .* concurrent" "$LOGS"/53-*.log | sed 's/^/   /' | tee -a "$SUMMARY"
     run 54-bench 600 "$PY" scripts/bench_gpu.py --models-dir /tmp/edgepaged-bench-models --budget-s $(($(left) - 40))
     grep -E "^  (MET|MISS|n/a)" "$LOGS/54-bench.log" | tee -a "$SUMMARY"
+    exit 0
+fi
+if [ "$STAGE" = overlap ]; then  # issue 4 after overlapped steps and KV block size 8: tests, then SmolLM2
+    PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE)
+    run 70-test-engine-gpu 300 "${PYTEST[@]}" tests/test_overlap.py tests/test_cuda_graph_gpu.py \
+        tests/test_triton_engine.py tests/test_gpu_parity.py tests/test_fused_kernels.py &
+    run 71-test-kernels-bs8 300 "${PYTEST[@]}" tests/test_kernels_gpu.py -k "bs8" &
+    run 72-bench-checkpoints 200 "$PY" scripts/bench_gpu.py --prepare-only --models-dir "$MODELS" &
+    wait
+    grep -h -E "^(FAILED|ERROR) | in [0-9.]+s( \(.*\))?$" "$LOGS"/7[01]-*.log | sed 's/^/   /' | tee -a "$SUMMARY"
+    run 73-bench 600 "$PY" scripts/bench_gpu.py --models smollm2-135m --models-dir "$MODELS" --compare-block-size 16 \
+        --tag smollm2 --budget-s $(($(left) - 40))
+    grep -E "^  (MET|MISS|n/a)" "$LOGS/73-bench.log" | tee -a "$SUMMARY"
+    exit 0
+fi
+if [ "$STAGE" = llama1b ]; then  # the 1B half of issue 4's benchmark (checkpoints from "overlap" if warm)
+    run 80-bench-checkpoints 200 "$PY" scripts/bench_gpu.py --models llama-3.2-1b --prepare-only --models-dir "$MODELS"
+    run 81-bench 600 "$PY" scripts/bench_gpu.py --models llama-3.2-1b --models-dir "$MODELS" --compare-block-size 16 \
+        --tag llama-3.2-1b --budget-s $(($(left) - 40))
+    grep -E "^  (MET|MISS|n/a)" "$LOGS/81-bench.log" | tee -a "$SUMMARY"
+    exit 0
+fi
+if [ "$STAGE" = rag ]; then  # issue 7: the RAG prefix-sharing benchmark
+    PROFILE=$("$PY" -c "import torch; print('h200-141gb' if 'H200' in torch.cuda.get_device_name() else 'h100-80gb')")
+    RAND=/tmp/edgepaged-smollm2-random
+    EMBED=.carry/minilm-fp16
+    if [ ! -f "$EMBED/model.safetensors" ]; then
+        say "== $EMBED is missing: write it with scripts/write_embedding_copy.py before the call and carry .carry; stopping"
+        exit 1
+    fi
+    # The marker file says the folder came from random_init (older folders lack it: write again).
+    if [ ! -f "$RAND/edgepaged-random-weights.json" ]; then
+        run 60-random-model 120 "$PY" -c "
+from pathlib import Path; import torch
+from edgepaged.models.random_init import write_random_model
+write_random_model(Path('$RAND'), 'smollm2-135m', tokenizer_from=Path('.carry/smollm2-tokenizer'), dtype=torch.bfloat16)" || exit 1
+    fi
+    # Killed at 240 s; the script itself starts no round after ~210 s, so a slow card still
+    # reports the rounds it finished (every mode over the same questions).
+    run 61-bench-rag 240 "$PY" scripts/bench_rag.py --model "$RAND" --embedding-model "$EMBED" --profile "$PROFILE" \
+        --backend triton --questions 200 --max-tokens 32 --budget-s 210
+    grep -h -E "^ *(canonical|score|no-cache):|^indexed|^time budget|^rebuilding|^wrote|Error|^error" "$LOGS/61-bench-rag.log" \
+        | head -20 | sed 's/^/   /' | tee -a "$SUMMARY"
     exit 0
 fi
 if [ "$STAGE" = serving ]; then

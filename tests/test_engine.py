@@ -53,13 +53,13 @@ def test_sampler_top_k_1_and_tiny_top_p_are_greedy():
             SamplingRow(SamplingParams(temperature=1.5, top_p=1e-6), gen(1)),
             SamplingRow(SamplingParams(temperature=0.0), None),
             SamplingRow(SamplingParams(temperature=1.0, top_k=1), None)]
-    assert Sampler()(logits, rows) == greedy
+    assert Sampler()(logits, rows).tolist() == greedy
 
 
 def test_sampler_top_k_restricts_support():
     logits = torch.randn(1, 50)
     allowed = set(logits[0].topk(5).indices.tolist())
-    drawn = {Sampler()(logits, [SamplingRow(SamplingParams(temperature=5.0, top_k=5))])[0] for _ in range(200)}
+    drawn = {Sampler()(logits, [SamplingRow(SamplingParams(temperature=5.0, top_k=5))])[0].item() for _ in range(200)}
     assert drawn <= allowed and len(drawn) > 1
 
 
@@ -68,7 +68,7 @@ def test_sampler_matches_distribution():
     rows = [SamplingRow(SamplingParams(temperature=1.0), make_generator(11, 0, torch.device("cpu")))]
     counts = torch.zeros(3)
     for _ in range(3000):
-        counts[Sampler()(probs.log().unsqueeze(0), rows)[0]] += 1
+        counts[Sampler()(probs.log().unsqueeze(0), rows)[0].item()] += 1
     assert torch.allclose(counts / 3000, probs, atol=0.04)
 
 

@@ -39,7 +39,9 @@ from edgepaged.rag import (
     index_directory,
     render_prompt,
 )
+from edgepaged.errors import ModelLoadError
 from edgepaged.rag.chunking import html_to_text, markdown_to_text
+from edgepaged.rag.embed import DEFAULT_EMBEDDING_MODEL, EMBEDDING_MODEL_ENV, write_half_precision_copy
 
 CORPUS = Path(__file__).parent / "fixtures" / "rag_corpus"
 CHUNK_TOKENS, OVERLAP = 64, 8
@@ -286,6 +288,35 @@ def test_an_index_from_another_embedding_model_is_refused(index_db, embedder):
     with pytest.raises(EmbeddingModelMismatch, match="index into a new --db"):
         Retriever(store, OtherModel())
     store.close()
+
+
+def test_the_embedding_model_folder_comes_from_the_environment(tmp_path, monkeypatch, embedder):
+    """A half-precision copy named by $EDGEPAGED_EMBEDDING_MODEL replaces the packaged model
+    (what a GPU machine that cannot receive the 90 MB original gets), with the same vectors."""
+    copy = write_half_precision_copy(tmp_path / "minilm-fp16")
+    from safetensors import safe_open
+
+    with safe_open(copy / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}
+    assert (copy / "model.safetensors").stat().st_size < 50e6
+    monkeypatch.setenv(EMBEDDING_MODEL_ENV, str(copy))
+    from_env = Embedder()
+    assert from_env.path == copy
+    assert from_env.name == "minilm-fp16"  # not the packaged model's name: an index remembers which
+    texts = ["How do I reset the greenhouse controller?", (CORPUS / "greenhouse.md").read_text()[:600]]
+    cosine = np.sum(from_env.embed(texts) * embedder.embed(texts), axis=1)
+    assert cosine.min() > 0.999
+    monkeypatch.setenv(EMBEDDING_MODEL_ENV, "")
+    assert Embedder().name == DEFAULT_EMBEDDING_MODEL
+
+
+def test_a_missing_embedding_model_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(EMBEDDING_MODEL_ENV, str(tmp_path / "absent"))
+    with pytest.raises(ModelLoadError, match=rf"absent.*from \${EMBEDDING_MODEL_ENV}.*does not exist"):
+        Embedder()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        Embedder(tmp_path / "empty")
 
 
 def test_missing_or_foreign_index_files_are_refused(tmp_path):

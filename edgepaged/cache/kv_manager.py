@@ -132,11 +132,16 @@ class KVCacheManager:
             table.block_ids.extend(b.block_id for b in new)
 
     def commit(self, seq: SequenceView) -> None:
-        """Index the blocks this step filled, so later prompts with the same prefix find them."""
+        """Index the blocks this step filled, so later prompts with the same prefix find them.
+
+        Only blocks whose token ids the host already knows: a token sampled by a step still on
+        the device is computed before it lands in `token_ids`, and its block waits for it.
+        """
         if not self.pool.enable_caching:
             return
         table = self.tables[seq.seq_id]
-        num_full = min(seq.num_computed_tokens // self.block_size, len(table.blocks))
+        known = min(seq.num_computed_tokens, len(seq.token_ids))
+        num_full = min(known // self.block_size, len(table.blocks))
         if num_full <= table.num_registered:
             return
         hashes = self._block_hashes(seq, num_full)

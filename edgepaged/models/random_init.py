@@ -2,15 +2,21 @@
 
 Parity tests need logits with clear winners (ties make greedy decoding fragile under
 reordered float sums), so weights are drawn wider than the usual 0.02 initialisation.
+
+Each folder gets a small marker file (`RANDOM_WEIGHTS_MARKER`) saying how it was drawn, so a
+benchmark run on it can say in its report that the weights were random, without being told.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+RANDOM_WEIGHTS_MARKER = "edgepaged-random-weights.json"
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(
@@ -44,7 +50,7 @@ def write_random_model(
     dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> Path:
-    """Write config.json + model.safetensors (+ the tokenizer files of `tokenizer_from`)."""
+    """Write config.json + model.safetensors + the marker (+ the tokenizer files of `tokenizer_from`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(SHAPES[shape] if isinstance(shape, str) else shape)
@@ -64,6 +70,14 @@ def write_random_model(
                 p.normal_(0.0, std)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    marker = {
+        "shape": shape if isinstance(shape, str) else "custom",
+        "dtype": str(dtype).removeprefix("torch."),
+        "seed": seed,
+        "std": std,
+        "tokenizer_from": tokenizer_from.resolve().name if tokenizer_from is not None else None,
+    }
+    (folder / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(marker) + "\n")
     if tokenizer_from is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model"):
             if (tokenizer_from / name).is_file():
