@@ -25,13 +25,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool | None = None  # None: on unless EDGEPAGED_CUDA_GRAPHS=0 (triton backend on CUDA only)
     # Launch each step before reading the previous step's tokens, so host work overlaps the GPU.
-    # None: on for CUDA. On a CPU the "device" is the host itself, and overlapping only delays
-    # every token by one step.
-    overlap_steps: bool | None = None
-
-    @property
-    def overlaps_steps(self) -> bool:
-        return self.device.type == "cuda" if self.overlap_steps is None else self.overlap_steps
+    # On a CPU the "device" is the host itself, and overlapping only delays every token a step.
+    overlap_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -198,7 +198,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Launch one scheduled step; return the outputs of the tokens that landed.
 
-        Overlapping (on CUDA), a step is launched before the previous step's tokens are read:
+        Overlapping (`EngineConfig.overlap_steps`), a step is launched before the previous step's tokens are read:
         its sequences take those tokens from the device, and the host reads them, appends,
         detokenizes and checks stops while the GPU runs the new step. A sequence that stopped
         on a token read late has computed one token too many; that token is dropped.
@@ -207,7 +207,7 @@ class LLMEngine:
         launched = self._launch(sched) if sched.chunks else None
         outputs = self._land(self._in_flight) if self._in_flight is not None else []
         self._in_flight = launched
-        if launched is not None and not self.config.overlaps_steps:
+        if launched is not None and not self.config.overlap_steps:
             self._in_flight = None
             outputs += self._land(launched)
         return outputs
@@ -375,6 +375,7 @@ def config_from_profile(
         max_num_batched_tokens=profile.scheduler.max_num_batched_tokens,
         enable_prefix_caching=profile.scheduler.enable_prefix_caching,
         cuda_graphs=cuda_graphs,
+        overlap_steps=profile.scheduler.overlap_steps,
     )
 
 

@@ -78,6 +78,9 @@ class SchedulerSpec(_Spec):
     enable_prefix_caching: bool = True
     max_waiting_requests: int = Field(gt=0)  # the server refuses requests past these two
     max_waiting_tokens: int = Field(gt=0)
+    # Launch each step before reading the previous one's tokens (engine.py): off until it has
+    # been timed on a GPU; on a CPU it only delays every token by a step.
+    overlap_steps: bool = False
 
 
 class DeviceProfile(_Spec):

@@ -151,7 +151,7 @@ def batch1_decode(engine, vocab: int, weights_bytes: int, copy_gbps: float) -> d
     result = {}
     graphs, config = engine.runner.graphs, engine.config
     try:
-        for label, use_graphs, overlap in (("graphs", True, True), ("graphs_sync", True, False), ("eager", False, True)):
+        for label, use_graphs, overlap in (("graphs", True, True), ("graphs_sync", True, False), ("eager", False, False)):
             engine.runner.graphs = graphs if use_graphs else None
             engine.config = dataclasses.replace(config, overlap_steps=overlap)
             for attempt in range(2):  # the first pass warms up
@@ -217,6 +217,8 @@ def host_profile(engine, vocab: int, num_steps: int = 100) -> dict:
     from edgepaged import SamplingParams
 
     prompt = np.random.default_rng(9).integers(1, vocab, 128).tolist()
+    config = engine.config
+    engine.config = dataclasses.replace(config, overlap_steps=True)
     engine.add_request("host-prof", prompt, SamplingParams(temperature=0.0, max_tokens=num_steps + 8, ignore_eos=True))
     for _ in range(4):
         engine.step()
@@ -229,6 +231,7 @@ def host_profile(engine, vocab: int, num_steps: int = 100) -> dict:
     wall = time.perf_counter() - start
     while engine.has_unfinished_requests():
         engine.step()
+    engine.config = config
     stats = pstats.Stats(prof).stats
     rows = sorted(
         ({"function": f"{Path(f).name}:{line}({name})", "self_ms_per_step": tt * 1e3 / num_steps,
@@ -303,7 +306,7 @@ def cached_prefix_ttft(engine, vocab: int, rounds: int = 3) -> dict:
     }
 
 
-def rag_at_block_size(folder: Path, profile: str, block_size: int, prompts: list[list[int]]) -> dict:
+def rag_at_block_size(folder: Path, profile: str, block_size: int, prompts: list[list[int]], overlap: bool) -> dict:
     """The RAG workload alone on an engine whose profile differs only in the KV block size."""
     from edgepaged.engine import LLMEngine
     from edgepaged.profiles import load_profile
@@ -313,6 +316,7 @@ def rag_at_block_size(folder: Path, profile: str, block_size: int, prompts: list
         path = Path(tmp) / f"{base.name}-bs{block_size}.yaml"
         path.write_text(f"extends: {profile}\nname: {base.name}-bs{block_size}\nkv_cache:\n  block_size: {block_size}\n")
         engine = LLMEngine.from_model(folder, profile=path, backend="triton")
+    engine.config = dataclasses.replace(engine.config, overlap_steps=overlap)
     run_requests(engine, rag_prompts(engine.model_config.vocab_size, 32, seed=100), max_tokens=16)
     kv_use = KvUse(engine)
     rag = run_requests(engine, prompts, OUTPUT_TOKENS, on_step=kv_use)
@@ -321,11 +325,12 @@ def rag_at_block_size(folder: Path, profile: str, block_size: int, prompts: list
     return rag
 
 
-def bench_edgepaged(folder: Path, profile: str, prompts: list[list[int]], copy_gbps: float) -> dict:
+def bench_edgepaged(folder: Path, profile: str, prompts: list[list[int]], copy_gbps: float, overlap: bool) -> dict:
     from edgepaged.engine import LLMEngine
 
     t0 = time.perf_counter()
     engine = LLMEngine.from_model(folder, profile=profile, backend="triton")
+    engine.config = dataclasses.replace(engine.config, overlap_steps=overlap)
     build_s = time.perf_counter() - t0
     plan, graphs, vocab = engine.memory_plan, engine.runner.graphs, engine.model_config.vocab_size
     result = {
@@ -591,7 +596,8 @@ def markdown(results: dict) -> str:
         f"device-to-device copy bandwidth {results['copy_gbps']:.0f} GB/s (measured in this run).  ",
         "Model shapes from the SmolLM2-135M and Llama-3.2-1B configs with **random bf16 weights** (speed does not "
         "depend on the values); prompts are token ids. edgepaged runs the triton backend with CUDA graphs for "
-        f"decode under the `{results['profile']}` profile.",
+        f"decode under the `{results['profile']}` profile"
+        f"{', with overlapped steps' if results.get('overlap_steps') else ''}.",
         "",
         "## Goals",
         "",
@@ -739,6 +745,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--compare-block-size", type=int, help="also run the RAG workload with this KV block size")
+    parser.add_argument("--overlap-steps", action="store_true", help="overlapped steps for everything but batch 1 "
+                        "(which measures both)")
     parser.add_argument("--tag", help="appended to the report's file name (runs split over several calls)")
     parser.add_argument("--peer", choices=sorted(PEERS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -770,6 +778,7 @@ def main() -> None:
         "triton": triton.__version__,
         "transformers": transformers.__version__,
         "profile": profile,
+        "overlap_steps": args.overlap_steps,
         "random_weights": True,
         "copy_gbps": copy_gbps(),
         "models": {},
@@ -795,14 +804,16 @@ def main() -> None:
         workloads[shape] = folder, prompts
         print(f"[{shape}] edgepaged ({budget.left():.0f} s left)", flush=True)
         try:
-            entry["edgepaged"] = bench_edgepaged(folder, profile, prompts, results["copy_gbps"])
+            entry["edgepaged"] = bench_edgepaged(folder, profile, prompts, results["copy_gbps"], args.overlap_steps)
         except Exception:
             entry["edgepaged"] = {"error": traceback.format_exc()[-3000:]}
         gc.collect()  # the engine (and its KV pool) must be gone before anything else runs
         torch.cuda.empty_cache()
         if args.compare_block_size and budget.allows("engine"):
             try:
-                entry["rag_other_block_size"] = rag_at_block_size(folder, profile, args.compare_block_size, prompts)
+                entry["rag_other_block_size"] = rag_at_block_size(
+                    folder, profile, args.compare_block_size, prompts, args.overlap_steps
+                )
             except Exception:
                 entry["rag_other_block_size"] = {"error": traceback.format_exc()[-3000:]}
             gc.collect()

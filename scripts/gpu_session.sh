@@ -138,14 +138,14 @@ if [ "$STAGE" = overlap ]; then  # issue 4 after overlapped steps and KV block s
     wait
     grep -h -E "^(FAILED|ERROR) | in [0-9.]+s( \(.*\))?$" "$LOGS"/7[01]-*.log | sed 's/^/   /' | tee -a "$SUMMARY"
     run 73-bench 600 "$PY" scripts/bench_gpu.py --models smollm2-135m --models-dir "$MODELS" --compare-block-size 16 \
-        --tag smollm2 --budget-s $(($(left) - 40))
+        --overlap-steps --tag smollm2 --budget-s $(($(left) - 40))
     grep -E "^  (MET|MISS|n/a)" "$LOGS/73-bench.log" | tee -a "$SUMMARY"
     exit 0
 fi
 if [ "$STAGE" = llama1b ]; then  # the 1B half of issue 4's benchmark (checkpoints from "overlap" if warm)
     run 80-bench-checkpoints 200 "$PY" scripts/bench_gpu.py --models llama-3.2-1b --prepare-only --models-dir "$MODELS"
     run 81-bench 600 "$PY" scripts/bench_gpu.py --models llama-3.2-1b --models-dir "$MODELS" --compare-block-size 16 \
-        --tag llama-3.2-1b --budget-s $(($(left) - 40))
+        --overlap-steps --tag llama-3.2-1b --budget-s $(($(left) - 40))
     grep -E "^  (MET|MISS|n/a)" "$LOGS/81-bench.log" | tee -a "$SUMMARY"
     exit 0
 fi

@@ -1,9 +1,10 @@
-"""Overlapped steps (the default on CUDA) give exactly the tokens of one-step-at-a-time.
+"""Overlapped steps (`overlap_steps`) give exactly the tokens of one step at a time.
 
 With overlap a step is launched before the previous step's tokens reach the host: its inputs
 come from the device, stop checks run one step late and the extra token of a stopped sequence
-is dropped. These tests force overlap on the CPU too, where it changes nothing but the order
-of work, and compare against the same engine without it; on a GPU they also run on CUDA.
+is dropped. On the CPU overlap changes nothing but the order of work, so these tests check the
+bookkeeping against the same engine without it; on a GPU the first three also run on CUDA, where
+the tokens really are read while the next step runs.
 """
 
 from __future__ import annotations

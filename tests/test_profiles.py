@@ -96,6 +96,7 @@ BAD = [
     ({"kv_cache": {"block_sise": 16}}, "kv_cache.block_sise", "expected one of: block_size, dtype"),
     ({"scheduler": {"max_num_seqs": "16"}}, "scheduler.max_num_seqs", "expected a valid integer, got '16'"),
     ({"scheduler": {"enable_prefix_caching": "yes"}}, "scheduler.enable_prefix_caching", "valid boolean"),
+    ({"scheduler": {"overlap_steps": 1}}, "scheduler.overlap_steps", "valid boolean"),
     ({"scheduler": {"max_model_len": 0}}, "scheduler.max_model_len", "greater than 0"),
     ({"budget": {"fraction": 0}}, "budget.fraction", "expected greater than 0, got 0"),
     ({"budget": {"fraction": 1.5}}, "budget.fraction", "less than or equal to 1, got 1.5"),
@@ -195,6 +196,14 @@ def test_extends_chains_through_relative_paths(tmp_path):
     assert (p.name, p.scheduler.max_num_seqs, p.kv_cache.block_size) == ("box-7", 64, 32)
     assert p.device.memory_bandwidth_gbps == 1008
     assert p.scheduler.max_model_len == load_profile("rtx-4090-24gb").scheduler.max_model_len
+
+
+def test_overlap_steps_reaches_the_engine_config(tmp_path):
+    from edgepaged.engine import config_from_profile
+
+    assert config_from_profile(load_profile("cpu")).overlap_steps is False
+    path = write(tmp_path / "o.yaml", {"extends": "cpu", "name": "cpu-overlap", "scheduler": {"overlap_steps": True}})
+    assert config_from_profile(load_profile(str(path))).overlap_steps is True
 
 
 def test_a_standalone_file_needs_no_extends(tmp_path):
