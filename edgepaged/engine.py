@@ -260,11 +260,10 @@ class LLMEngine:
                 self.prompt_tokens_total += len(request.prompt_token_ids)
             self._append_token(seq, token)
             touched[request.request_id] = request
-        outputs = []
-        for request in touched.values():
-            outputs.append(self._output(request))
-            if request.finished:
-                self.requests.pop(request.request_id, None)
+        outputs = [self._output(request) for request in touched.values()]
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
         return outputs
 
     def _append_token(self, seq: Sequence, token: int) -> None:

@@ -92,7 +92,20 @@ class KVCacheManager:
         idx = num_computed // self.block_size
         return idx < len(table.blocks) and table.blocks[idx].ref_count > 1
 
+    def _fits_in_place(self, seq: SequenceView, num_new_tokens: int, hit: PrefixHit | None) -> bool:
+        """The common decode case, decided without arithmetic over the table: one token that
+        lands in an allocated block nobody else references needs nothing from the pool."""
+        if num_new_tokens != 1 or hit is not None:
+            return False
+        table = self.tables.get(seq.seq_id)
+        if table is None:
+            return False
+        idx = seq.num_computed_tokens // self.block_size
+        return idx < len(table.blocks) and table.blocks[idx].ref_count == 1
+
     def can_allocate(self, seq: SequenceView, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        if self._fits_in_place(seq, num_new_tokens, hit):
+            return True
         table = self.tables.get(seq.seq_id) or _Table()
         if hit is None:
             hit = PrefixHit([], 0)
@@ -106,6 +119,8 @@ class KVCacheManager:
     # -- changes -----------------------------------------------------------------------------
     def allocate(self, seq: SequenceView, num_new_tokens: int, hit: PrefixHit | None = None) -> None:
         """Grow the sequence's table to hold `num_new_tokens` more tokens (after `can_allocate`)."""
+        if self._fits_in_place(seq, num_new_tokens, hit):
+            return
         table = self.tables.setdefault(seq.seq_id, _Table())
         if hit is not None and hit.blocks:
             assert not table.blocks, "a prefix hit only applies to a sequence without blocks"
@@ -141,6 +156,8 @@ class KVCacheManager:
             return
         table = self.tables[seq.seq_id]
         known = min(seq.num_computed_tokens, len(seq.token_ids))
+        if known < (table.num_registered + 1) * self.block_size:
+            return  # no block filled since the last commit: most decode steps end here
         num_full = min(known // self.block_size, len(table.blocks))
         if num_full <= table.num_registered:
             return
