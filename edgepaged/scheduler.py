@@ -7,6 +7,10 @@ sequence cannot grow, the newest running sequence is preempted: its blocks go ba
 and it waits at the front of the queue to be recomputed, prefix cache permitting, so nothing is
 lost and the oldest requests always make progress.
 
+A waiting sequence whose next uncached full block is one a running sequence is computing right
+now waits (without holding back the queue behind it) until that block is cached: requests that
+arrive together with one new prefix compute it once, not once each.
+
 With overlapped steps (see engine.py) a sequence may have its newest token still on the device:
 `Sequence.num_tokens` counts it, so its next one-token chunk is planned as usual, and a sequence
 whose token in flight is its last gets nothing more.
@@ -67,9 +71,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        # Full blocks that running sequences are still computing (prompts and recomputes): a
+        # waiting sequence whose next uncached block is one of them waits until it is cached.
+        computing: set = set()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_computed_tokens + 1 < seq.num_tokens:
+                computing.update(self.kv.unregistered_hashes(seq))
             if seq.last_token_in_flight:
                 i += 1
                 continue
@@ -87,20 +96,25 @@ class Scheduler:
             budget -= n
             i += 1
         # After a preemption the pool is tight: admitting now would only preempt again.
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        w = 0
+        while not out.preempted and w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[w]
             if seq.num_pending:  # preempted while its token was on the device: it lands next step
                 break
             hit = self.kv.find_prefix(seq)
+            if computing and self.kv.next_uncached_hash(seq, hit) in computing:
+                w += 1  # its prefix is being computed by a running sequence: reuse it, later
+                continue
             n = min(seq.num_tokens - hit.num_tokens, budget)
             if not self.kv.can_allocate(seq, n, hit):
                 break
-            self.waiting.popleft()
+            del self.waiting[w]
             self.kv.allocate(seq, n, hit)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
+            computing.update(self.kv.unregistered_hashes(seq))
         out.block_copies = self.kv.take_copies()
         return out
 

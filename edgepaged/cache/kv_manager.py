@@ -87,6 +87,24 @@ class KVCacheManager:
             hits.append(block)
         return PrefixHit(hits, len(hits) * self.block_size)
 
+    def unregistered_hashes(self, seq: SequenceView) -> list[BlockHash]:
+        """Hashes of the sequence's full blocks not yet offered to the prefix index: blocks it
+        is still computing (see `next_uncached_hash`)."""
+        if not self.pool.enable_caching:
+            return []
+        table = self.tables.get(seq.seq_id)
+        start = table.num_registered if table is not None else 0
+        return self._block_hashes(seq, len(seq.token_ids) // self.block_size)[start:]
+
+    def next_uncached_hash(self, seq: SequenceView, hit: PrefixHit) -> BlockHash | None:
+        """The hash of the first full block of a waiting sequence that `hit` does not cover. If
+        a running sequence is computing that very block, waiting a step or two for it to be
+        cached beats computing the same tokens twice in the meantime."""
+        index = len(hit.blocks)
+        if not self.pool.enable_caching or index >= len(seq.token_ids) // self.block_size:
+            return None
+        return self._block_hashes(seq, index + 1)[index]
+
     def _cow_needed(self, table: _Table, num_computed: int) -> bool:
         """Whether the next write lands in a partly filled block that others also reference."""
         idx = num_computed // self.block_size
