@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .backends.base import AttentionBackend, AttentionBatch
+from .attention import AttentionBackend, AttentionBatch
 
 GRAPHS_ENV = "EDGEPAGED_CUDA_GRAPHS"
 

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence as Seq
 import numpy as np
 import torch
 
-from .backends.base import AttentionBackend
+from .attention import AttentionBackend
 from .cache import KVCacheManager
 from .config import DTYPES, EngineConfig
 from .errors import RequestError

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backends.base import AttentionBackend, AttentionBatch
+from .attention import AttentionBackend, AttentionBatch
 from .cache import KVCacheManager
 from .cuda_graph import DecodeGraphs, TokenFeed, graphs_requested, stage
 from .models.llama import LlamaForCausalLM

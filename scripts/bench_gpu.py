@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from run_report import card_slug
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = ("smollm2-135m", "llama-3.2-1b")
@@ -729,10 +730,6 @@ def profile_table(p: dict) -> str:
     for kind, k in sorted(p["by_kind"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
         rows.append(f"| {kind} | {k['ms_per_step']:.3f} | {k['kernels_per_step']:.0f} |")
     return "\n".join(rows)
-
-
-def card_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shlex
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from run_report import card_slug
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILES = ("jetson-orin-nano-8gb", "rtx-4060-8gb", "h100-80gb")
@@ -179,12 +180,6 @@ def run_in_subprocess(name: str, argv: list[str]) -> ProfileResult:
             last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
             return ProfileResult(profile=name, emulated=False, error=last[0])
         return ProfileResult(**json.loads(result_file.read_text()))
-
-
-def card_slug(device_name: str) -> str:
-    """A short file-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"."""
-    name = re.sub(r"\b(nvidia|geforce)\b", "", device_name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
 
 
 def write_report(results: list[ProfileResult], meta: dict, out_dir: Path) -> tuple[Path, Path]:

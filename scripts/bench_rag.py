@@ -14,6 +14,9 @@ for all its questions, with `--concurrency` requests in flight (closed loop):
 - score:     passages best match first — the usual RAG layout, the baseline
 - no-cache:  canonical, with prefix caching off (a profile that `extends` the chosen one)
 
+Each mode's engine runs the chosen profile without its absolute memory cap (the three engines
+share one process; see `mode_profile`), with the same KV pool, --max-kv-blocks.
+
 The modes are interleaved so that load from other work on the machine falls on all of them
 alike: the questions are served in rounds of `--round-size`, and in each round every mode
 serves that round's questions on its own engine, the mode that goes first rotating from round
@@ -61,8 +64,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# A sibling script's helper, so every report names the card the same way.
-from bench_memory import card_slug
+from run_report import card_slug  # every report names the card the same way
 
 from edgepaged import SamplingParams
 from edgepaged.cache.block_pool import hash_block_tokens
@@ -298,11 +300,20 @@ def ideal_reuse(prompts: list[list[int]], block_size: int) -> float:
     return reused / sum(len(p) for p in prompts)
 
 
-def no_cache_profile(profile: str, folder: Path) -> Path:
-    """The chosen profile with prefix caching off, through the profile loader's `extends`."""
+def mode_profile(profile: str, mode: str, folder: Path) -> Path:
+    """The chosen profile for one mode's engine, through the profile loader's `extends`.
+
+    The budget's absolute cap goes: the three engines live in one process, so each one's plan
+    counts the others as runtime overhead, and a cap sized for one engine (the cpu profile's
+    4 GiB) cannot hold three. The pools are fixed by --max-kv-blocks instead. The no-cache mode
+    turns prefix caching off.
+    """
     base = Path(profile).resolve() if Path(profile).is_file() else profile
-    path = folder / "no-prefix-cache.yaml"
-    path.write_text(f"extends: {base}\nscheduler:\n  enable_prefix_caching: false\n")
+    path = folder / f"{mode}.yaml"
+    text = f"extends: {base}\nbudget:\n  max_gb: null\n"
+    if mode == "no-cache":
+        text += "scheduler:\n  enable_prefix_caching: false\n"
+    path.write_text(text)
     return path
 
 
@@ -316,8 +327,7 @@ def build_engines(
     the engines with more are built again at that size, so no mode caches more than another.
     """
     def build(mode: str, cap: int) -> LLMEngine:
-        chosen = no_cache_profile(profile, tmp) if mode == "no-cache" else profile
-        return LLMEngine.from_model(model, chosen, max_kv_blocks=cap, backend=backend)
+        return LLMEngine.from_model(model, mode_profile(profile, mode, tmp), max_kv_blocks=cap, backend=backend)
 
     engines: dict[str, LLMEngine] = {}
     pool = max_kv_blocks

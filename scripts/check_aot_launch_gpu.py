@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import shlex
 import sys
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import triton
+from run_report import gpu_run_facts
 from triton.testing import do_bench
 
 from edgepaged.backends.tensorrt import cuda_driver_version
@@ -187,11 +186,7 @@ def main() -> None:
     print(f"\n{len(cases) - len(failed)} passed, {len(failed)} failed")
 
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **gpu_run_facts(),
         "compute_capability": target.arch,
         "driver_cuda": driver_cuda,
         "ptx_version": ptx_version,

@@ -23,11 +23,11 @@ import shlex
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import triton
+from run_report import gpu_run_facts
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
@@ -204,11 +204,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
 
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **gpu_run_facts(),
         "dtype": args.dtype,
         "block_size": BLOCK_SIZE,
     }

@@ -267,7 +267,7 @@ def _check_model_forward() -> dict:
 
     from edgepaged.kernels.reference import relative_error
 
-    from edgepaged.backends.base import AttentionBatch
+    from edgepaged.attention import AttentionBatch
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(write_random_model(Path(tmp), "tiny-llama", vocab_size=512))

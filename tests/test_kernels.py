@@ -291,7 +291,7 @@ def _check_prefill(
 def _check_backend_step(dtype, block_size, head_dim, num_kv_heads, group):
     import torch
 
-    from edgepaged.backends.base import AttentionBatch
+    from edgepaged.attention import AttentionBatch
     from edgepaged.backends.torch_ref import TorchRefBackend
     from edgepaged.backends.triton import TritonBackend
     from edgepaged.kernels.reference import (

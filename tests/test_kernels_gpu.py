@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 if torch.cuda.is_available():
-    from edgepaged.backends.base import AttentionBatch
+    from edgepaged.attention import AttentionBatch
     from edgepaged.backends.torch_ref import TorchRefBackend
     from edgepaged.backends.triton import TritonBackend
     from edgepaged.kernels import paged_decode_attention, paged_prefill_attention, plan_decode, write_kv

@@ -163,13 +163,17 @@ def test_activation_estimate_counts_the_widest_layer_and_the_sampler_rows(tmp_pa
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    spec = importlib.util.spec_from_file_location("bench_memory", scripts / "bench_memory.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_memory"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench_memory"]
+    sys.path.insert(0, str(scripts))  # its sibling helpers, as when it runs from scripts/
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(scripts))
+        del sys.modules["bench_memory"]
 
 
 def test_bench_arguments(bench):

@@ -16,7 +16,7 @@ import torch
 from conftest import make_engine
 
 from edgepaged import SamplingParams
-from edgepaged.backends.base import AttentionBatch
+from edgepaged.attention import AttentionBatch
 from edgepaged.backends.tensorrt.export import (
     ATTENTION_OP,
     DOMAIN,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import AttentionBackend, AttentionBatch
+from ..attention import AttentionBackend, AttentionBatch
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import DecodePlan, paged_decode_attention, paged_prefill_attention, plan_decode, write_kv
-from .base import AttentionBackend, AttentionBatch
+from ..attention import AttentionBackend, AttentionBatch
 
 
 @dataclass(slots=True)

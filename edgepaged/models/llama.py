@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends.base import AttentionBackend
+from ..attention import AttentionBackend
 from .config import ModelConfig
 from .rope import rope_tables
 

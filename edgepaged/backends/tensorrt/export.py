@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 
 from ...models.llama import LlamaForCausalLM, RMSNorm
-from ..base import AttentionBatch
+from ...attention import AttentionBatch
 
 # Bump when the graph's inputs, outputs or op semantics change: cached engines are keyed on it.
 GRAPH_VERSION = 1

@@ -24,7 +24,7 @@ from torch import nn
 
 from ...models.config import ModelConfig
 from ...models.loader import resolve_model
-from ..base import AttentionBatch
+from ...attention import AttentionBatch
 from . import import_tensorrt
 from .build import EngineMeta, build_engine, load_engine
 from .export import (
