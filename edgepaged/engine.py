@@ -160,7 +160,7 @@ class LLMEngine:
                 "(prompt plus at least one generated token)"
             )
         total = min(len(ids) + params.max_tokens, self.max_model_len)
-        capacity = self.kv.pool.num_blocks - len(self.kv.pinned)
+        capacity = self.kv.pool.num_blocks - self.kv.num_pinned_blocks
         if self.kv.blocks_needed(total) > capacity:
             raise RequestError(
                 f"the request needs {self.kv.blocks_needed(total)} KV blocks ({total} tokens) but the pool "
@@ -329,8 +329,9 @@ class LLMEngine:
             peak_running=self.peak_running,
         )
 
-    def pin_prefix(self, token_ids: Seq[int]) -> int:
-        """Compute a hot prefix (if not cached yet) and keep its full blocks out of LRU eviction."""
+    def pin_prefix(self, token_ids: Seq[int], owner: str = "") -> int:
+        """Compute a hot prefix (if not cached yet) and keep its full blocks out of LRU eviction,
+        until `unpin(owner)`."""
         ids = self.encode(token_ids)
         full = (len(ids) // self.config.block_size) * self.config.block_size
         if full == 0:
@@ -339,7 +340,10 @@ class LLMEngine:
         self.add_request(request_id, ids[:full], SamplingParams(max_tokens=1, temperature=0.0))
         while request_id in self.requests:
             self.step()
-        return self.kv.pin(ids[:full])
+        return self.kv.pin(ids[:full], owner)
+
+    def unpin(self, owner: str = "") -> None:
+        self.kv.unpin(owner)
 
     def unpin_all(self) -> None:
         self.kv.unpin_all()

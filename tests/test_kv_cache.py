@@ -181,3 +181,22 @@ def test_pool_refuses_overdraw_and_double_free():
     pool.release(blocks)
     with pytest.raises(AssertionError):
         pool.release(blocks)
+
+
+def test_pins_belong_to_their_owner():
+    """Two owners pinning overlapping prefixes: each unpins only its own references."""
+    kv = KVCacheManager(8, BS)
+    seq = FakeSeq(0, list(range(12)) + [99])  # three full blocks + 1
+    kv.allocate(seq, 13)
+    seq.num_computed_tokens = 13
+    kv.commit(seq)
+    kv.free(0)
+    assert kv.pin(list(range(8)), owner="docs") == 2
+    assert kv.pin(list(range(12)), owner="manuals") == 3
+    assert kv.num_pinned_blocks == 3 and kv.pool.num_used == 3
+    kv.unpin("docs")
+    assert kv.num_pinned_blocks == 3, "manuals still holds all three"
+    kv.pool.allocate(5)  # everything else: the pinned blocks are never evicted
+    assert kv.pool.num_free == 0
+    kv.unpin("manuals")
+    assert kv.num_pinned_blocks == 0 and kv.pool.num_free == 3

@@ -547,6 +547,29 @@ def test_pinned_prefixes_survive_cache_pressure(engine, index_db, embedder):
     assert gained[True] >= (rendered.prefix_ends[-1] // engine.stats().block_size) * engine.stats().block_size
 
 
+def test_two_pipelines_keep_each_others_pins(engine, index_db, embedder):
+    """Two collections pinning on one engine: re-pinning one leaves the other's blocks held."""
+    from edgepaged import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+    engine.unpin_all()
+    first, second = (
+        RagPipeline(engine, index_db, embedder=embedder, system_prompt=prompt, pin_after=1, pin_budget=0.25)
+        for prompt in ("Answer from the passages only.", "You are the bakery's archivist; cite the passages.")
+    )
+    first.ask("What is the name of the bakery's sourdough starter?", top_k=2, params=params)
+    held = first.apply_pins()
+    assert held > 0
+    first_blocks = list(engine.kv.pins[first.pin_owner])
+    second.ask("Who was the first keeper of the lighthouse?", top_k=2, params=params)
+    assert second.apply_pins() > 0
+    assert engine.kv.pins[first.pin_owner] == first_blocks, "the second pipeline's pins undid the first's"
+    first.close()
+    assert first.pin_owner not in engine.kv.pins and engine.kv.pins[second.pin_owner]
+    second.close()
+    assert engine.kv.num_pinned_blocks == 0
+
+
 # -- the CLI ---------------------------------------------------------------------------------
 
 

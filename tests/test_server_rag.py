@@ -52,7 +52,7 @@ def engine(tiny_model_dir) -> LLMEngine:
 @pytest.fixture(scope="module")
 def collections(engine, index_db, embedder) -> RagCollections:
     # Two names over one index: "corpus" as plain retrieval, "pinned" with hot-prefix pinning.
-    return open_rag(engine, {"corpus": index_db, "pinned": index_db}, "pinned", embedder)
+    return open_rag(engine, {"corpus": index_db, "pinned": index_db}, ("pinned",), embedder)
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +213,9 @@ def test_hot_prefixes_are_pinned_on_the_engine_thread(live, engine, collections,
     pinning_threads: set[str] = set()
     pin_prefix = engine.pin_prefix
 
-    def recording_pin_prefix(token_ids):
+    def recording_pin_prefix(token_ids, owner=""):
         pinning_threads.add(threading.current_thread().name)
-        return pin_prefix(token_ids)
+        return pin_prefix(token_ids, owner)
 
     monkeypatch.setattr(engine, "pin_prefix", recording_pin_prefix)
     question = "Where does unsold bread go at closing time?"
@@ -223,15 +223,15 @@ def test_hot_prefixes_are_pinned_on_the_engine_thread(live, engine, collections,
     assert all(a.usage.completion_tokens == 4 for a in answers)  # pinning swallowed no output
     _, rendered, _ = reference.prompt(question, top_k=2)
     whole_prefix = rendered.prefix_ends[-1] // engine.config.block_size
-    live.wait_until(lambda m: len(engine.kv.pinned) >= whole_prefix)
-    assert len(engine.kv.pinned) >= whole_prefix  # system prompt and both passages survive eviction
+    live.wait_until(lambda m: engine.kv.num_pinned_blocks >= whole_prefix)
+    assert engine.kv.num_pinned_blocks >= whole_prefix  # system prompt and both passages survive eviction
     assert pinning_threads == {"edgepaged-engine"}
 
     # The unpinned collection records nothing: asking it leaves the pins as they are.
-    pinned = list(engine.kv.pinned)
+    pinned = {owner: list(blocks) for owner, blocks in engine.kv.pins.items()}
     rag_chat(live, "What pressure should touring bike tyres have?")
     live.wait_until(lambda m: m["edgepaged_requests_running"] == 0)
-    assert engine.kv.pinned == pinned
+    assert engine.kv.pins == pinned
 
 
 # ---- startup -------------------------------------------------------------------------------
@@ -263,6 +263,7 @@ def test_serve_cli_fails_fast_on_bad_rag_settings(tmp_path, index_db):
         (["--rag", "docs"], "is not NAME=DB_PATH"),
         (["--rag", f"docs={index_db}", "--rag", f"docs={index_db}"], "given twice"),
         (["--rag", f"docs={index_db}", "--rag-pin", "manuals"], "not a collection given with --rag"),
+        (["--rag", f"docs={index_db}", "--rag-pin", "docs,manuals"], "'manuals' is not a collection given with --rag"),
     ]:
         result = runner.invoke(cli, ["serve", *args])
         assert result.exit_code == 2 and fragment in result.output, result.output

@@ -42,7 +42,7 @@ class KVCacheManager:
         self.tables: dict[int, _Table] = {}
         self._hashes: dict[int, list[BlockHash]] = {}
         self.pending_copies: list[tuple[int, int]] = []
-        self.pinned: list[Block] = []
+        self.pins: dict[str, list[Block]] = {}  # owner -> the blocks it holds out of eviction
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -203,21 +203,31 @@ class KVCacheManager:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
-    def pin(self, token_ids: Sequence[int]) -> int:
-        """Hold an extra reference on the cached full blocks of `token_ids` so LRU never evicts them."""
+    def pin(self, token_ids: Sequence[int], owner: str = "") -> int:
+        """Hold an extra reference on the cached full blocks of `token_ids` so LRU never evicts
+        them, on behalf of `owner`: owners (one per RAG collection, say) unpin only their own."""
+        held = self.pins.setdefault(owner, [])
         pinned = 0
         for block_hash in self._chain(token_ids, 0, len(token_ids) // self.block_size, None):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
             self.pool.acquire(block)
-            self.pinned.append(block)
+            held.append(block)
             pinned += 1
         return pinned
 
+    def unpin(self, owner: str = "") -> None:
+        self.pool.release(reversed(self.pins.pop(owner, [])))
+
     def unpin_all(self) -> None:
-        self.pool.release(reversed(self.pinned))
-        self.pinned = []
+        for owner in list(self.pins):
+            self.unpin(owner)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Distinct blocks held by any pin: what the pool can never lend to a request."""
+        return len({b.block_id for blocks in self.pins.values() for b in blocks})
 
     @property
     def prefix_hit_rate(self) -> float:

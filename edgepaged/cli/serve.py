@@ -19,7 +19,7 @@ from ..errors import EdgepagedError
 _COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def parse_rag_collections(specs: list[str], pin: str | None) -> dict[str, Path]:
+def parse_rag_collections(specs: list[str], pins: tuple[str, ...]) -> dict[str, Path]:
     """`NAME=DB_PATH` specs as a name -> path map; refuses bad syntax, a name given twice and a
     --rag-pin that names no collection (usage errors, before anything loads)."""
     collections: dict[str, Path] = {}
@@ -32,8 +32,9 @@ def parse_rag_collections(specs: list[str], pin: str | None) -> dict[str, Path]:
         if name in collections:
             raise typer.BadParameter(f"the collection {name!r} is given twice", param_hint="--rag")
         collections[name] = Path(path)
-    if pin is not None and pin not in collections:
-        raise typer.BadParameter(f"{pin!r} is not a collection given with --rag", param_hint="--rag-pin")
+    for pin in pins:
+        if pin not in collections:
+            raise typer.BadParameter(f"{pin!r} is not a collection given with --rag", param_hint="--rag-pin")
     return collections
 
 
@@ -108,13 +109,14 @@ def serve(
         None,
         "--rag-pin",
         envvar="EDGEPAGED_RAG_PIN",
-        help="keep the hot prompt prefixes of this --rag collection pinned in the KV cache (one collection)",
+        help="keep the hot prompt prefixes of these --rag collections pinned in the KV cache: NAME[,NAME...]",
     ),
 ) -> None:
     """Serve the OpenAI API (completions, chat, models) with metrics, health and systemd notify."""
     from edgepaged.server import ServeOptions, run
 
-    pin = rag_pin or None  # an empty EDGEPAGED_RAG_PIN= means none, as in the settings file
+    # An empty EDGEPAGED_RAG_PIN= means none, as in the settings file.
+    pins = tuple(dict.fromkeys(name.strip() for name in (rag_pin or "").split(",") if name.strip()))
     options = ServeOptions(
         model=model,
         profile=profile,
@@ -129,8 +131,8 @@ def serve(
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         drain_timeout=drain_timeout,
         log_level=log_level,
-        rag=parse_rag_collections(rag, pin),
-        rag_pin=pin,
+        rag=parse_rag_collections(rag, pins),
+        rag_pin=pins,
     )
     try:
         run(options)

@@ -21,7 +21,7 @@ from .layout import (
     build_prompt,
     render_prompt,
 )
-from .pipeline import HotPrefixes, RagAnswer, RagPipeline, Source
+from .pipeline import DEFAULT_PIN_BUDGET, HotPrefixes, RagAnswer, RagPipeline, Source
 from .retrieve import DEFAULT_MIN_SCORE, Hit, NoRelevantChunks, Retriever
 from .store import (
     EmbeddingModelMismatch,
@@ -41,6 +41,7 @@ __all__ = [
     "Embedder",
     "EmbeddingModelMismatch",
     "Hit",
+    "DEFAULT_PIN_BUDGET",
     "HotPrefixes",
     "IndexReport",
     "NoRelevantChunks",

@@ -42,6 +42,10 @@ class RagAnswer:
     sources: list[Source]
 
 
+# Pinned blocks are lent to no request, so together they keep to a quarter of the pool.
+DEFAULT_PIN_BUDGET = 0.25
+
+
 class HotPrefixes:
     """Decides which prompt prefixes to keep pinned in the KV cache.
 
@@ -53,7 +57,7 @@ class HotPrefixes:
     are taken from the pool for good, so they are capped at `budget` of it.
     """
 
-    def __init__(self, pin_after: int = 2, budget: float = 0.25, max_tracked: int = 4096):
+    def __init__(self, pin_after: int = 2, budget: float = DEFAULT_PIN_BUDGET, max_tracked: int = 4096):
         self.pin_after = pin_after
         self.budget = budget
         self.max_tracked = max_tracked
@@ -104,7 +108,7 @@ class RagPipeline:
         min_score: float = DEFAULT_MIN_SCORE,
         pin_hot_prefixes: bool = True,
         pin_after: int = 2,
-        pin_budget: float = 0.25,
+        pin_budget: float = DEFAULT_PIN_BUDGET,
     ):
         self.engine = getattr(llm_or_engine, "llm_engine", llm_or_engine)
         # Our own instance of the model's tokenizer (same files, same ids): the engine's belongs
@@ -118,6 +122,7 @@ class RagPipeline:
         self.hot = HotPrefixes(pin_after, pin_budget) if pin_hot_prefixes else None
         self._pinned: list[tuple[int, ...]] = []
         self._pinned_blocks = 0
+        self.pin_owner = f"rag-{id(self):x}"  # this pipeline's pins, apart from any other's
         self._request_ids = itertools.count()
         self._lock = threading.RLock()  # retrieval (SQLite, the embedder) and the pin bookkeeping
 
@@ -170,7 +175,6 @@ class RagPipeline:
 
         An unchanged, fully pinned set costs nothing. Otherwise every pin is dropped and the
         wanted set pinned afresh (the engine recomputes a prefix evicted since it got hot).
-        The engine's pins are global: one pipeline per engine, or they undo each other's.
         """
         if self.hot is None:
             return 0
@@ -181,14 +185,14 @@ class RagPipeline:
         complete = sum(len(ids) // stats.block_size for ids in prefixes)
         if wanted == self._pinned and self._pinned_blocks == complete:
             return self._pinned_blocks
-        self.engine.unpin_all()
-        self._pinned_blocks = sum(self.engine.pin_prefix(ids) for ids in prefixes)
+        self.engine.unpin(self.pin_owner)
+        self._pinned_blocks = sum(self.engine.pin_prefix(ids, self.pin_owner) for ids in prefixes)
         self._pinned = wanted
         return self._pinned_blocks
 
     def close(self) -> None:
         if self._pinned:
-            self.engine.unpin_all()
+            self.engine.unpin(self.pin_owner)
             self._pinned = []
         self.retriever.store.close()
 

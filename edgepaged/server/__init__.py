@@ -23,7 +23,7 @@ import uvicorn
 
 from edgepaged.engine import LLMEngine
 from edgepaged.profiles import load_profile
-from edgepaged.rag import Embedder, RagIndexError, RagPipeline, RagStore
+from edgepaged.rag import DEFAULT_PIN_BUDGET, Embedder, RagIndexError, RagPipeline, RagStore
 from edgepaged.sampling import SamplingParams
 from edgepaged.server import systemd
 from edgepaged.server.app import RagCollections, ServerConfig, create_app
@@ -48,7 +48,7 @@ class ServeOptions:
     drain_timeout: float = 30.0
     log_level: str = "info"
     rag: dict[str, Path] = field(default_factory=dict)  # collection name -> index file
-    rag_pin: str | None = None  # the collection whose hot prefixes stay pinned
+    rag_pin: tuple[str, ...] = ()  # the collections whose hot prefixes stay pinned
 
 
 def warm_up(engine: LLMEngine) -> None:
@@ -75,12 +75,17 @@ def check_rag_indexes(paths: dict[str, Path], embedder: Embedder) -> None:
             raise RagIndexError(f"--rag {name}: {exc}") from exc
 
 
-def open_rag(engine: LLMEngine, paths: dict[str, Path], pin: str | None, embedder: Embedder) -> RagCollections:
-    """One pipeline per collection over the shared embedder; only `pin`'s records hot prefixes."""
+def open_rag(
+    engine: LLMEngine, paths: dict[str, Path], pins: tuple[str, ...], embedder: Embedder
+) -> RagCollections:
+    """One pipeline per collection over the shared embedder. Only those in `pins` record hot
+    prefixes; they pin apart from one another and share a quarter of the pool between them."""
+    budget = DEFAULT_PIN_BUDGET / max(len(pins), 1)
     pipelines = {
-        name: RagPipeline(engine, path, embedder=embedder, pin_hot_prefixes=name == pin) for name, path in paths.items()
+        name: RagPipeline(engine, path, embedder=embedder, pin_hot_prefixes=name in pins, pin_budget=budget)
+        for name, path in paths.items()
     }
-    return RagCollections(pipelines, pin)
+    return RagCollections(pipelines, pins)
 
 
 class _SystemdServer(uvicorn.Server):

@@ -68,17 +68,18 @@ class RagCollections:
 
     One lock serialises retrieval across collections: they share one embedding model, whose
     tokenizer must not be called from two threads at once, and a question's retrieval is short
-    next to its generation. The engine's pins are global, so only the `pinned` collection (if
-    any) keeps its hot prefixes pinned; its pipeline must have been built with pinning on.
+    next to its generation. The `pinned` collections keep their hot prefixes pinned, each under
+    its own pin owner; their pipelines must have been built with pinning on.
     """
 
     pipelines: dict[str, RagPipeline]
-    pinned: str | None = None
+    pinned: tuple[str, ...] = ()
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        if self.pinned is not None and self.pinned not in self.pipelines:
-            raise ValueError(f"cannot pin unknown RAG collection {self.pinned!r}")
+        unknown = [name for name in self.pinned if name not in self.pipelines]
+        if unknown:
+            raise ValueError(f"cannot pin unknown RAG collection(s) {unknown}")
 
     def build_messages(self, name: str, question: str, top_k: int) -> tuple[list[dict[str, str]], list[Source]]:
         """Blocking (embedding, SQLite): call it from a worker thread, not the event loop."""
@@ -87,8 +88,8 @@ class RagCollections:
 
     def apply_pins(self) -> None:
         """Engine thread only, between requests (`AsyncEngine.on_idle`)."""
-        if self.pinned is not None:
-            self.pipelines[self.pinned].apply_pins()
+        for name in self.pinned:
+            self.pipelines[name].apply_pins()
 
     def close(self) -> None:
         """Drops the pins and closes the index files; only once the engine thread has stopped."""
@@ -245,7 +246,7 @@ class _Choices:
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """Build the app around a started-on-lifespan AsyncEngine (and hand it the RAG pin upkeep)."""
     metrics = ServerMetrics(engine.stats, engine.queue_state)
-    if config.rag is not None and config.rag.pinned is not None:
+    if config.rag is not None and config.rag.pinned:
         engine.on_idle = config.rag.apply_pins
 
     @asynccontextmanager
