@@ -67,8 +67,27 @@ class TokenFeed:
     tokens: torch.Tensor  # int64 [R]
     rows: dict[int, int]
 
+    def for_step(self, seqs: Sequence[Any]) -> FedRows | None:
+        """Which of a step's token rows take their id from here: the one-token rows (listed
+        first, one per sequence) of sequences with a token still on the device."""
+        rows = [i for i, seq in enumerate(seqs) if seq.num_pending]
+        if not rows:
+            return None
+        src = [self.rows[seqs[i].seq_id] for i in rows]
+        return FedRows(self.tokens, np.array(rows, dtype=np.int64), np.array(src, dtype=np.int64))
+
+
+@dataclass(slots=True)
+class FedRows:
+    """One step's share of a `TokenFeed`: its arrays travel with the step's other inputs."""
+
+    tokens: torch.Tensor
+    rows: np.ndarray  # int64: token rows of the step
+    src: np.ndarray  # int64: their tokens' indices in `tokens`
+
     def fill(self, input_ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
-        """input_ids[rows] = tokens[src], on the device, in stream order after the sampler."""
+        """input_ids[rows] = tokens[src] with the staged copies of `rows` and `src`, on the
+        device, in stream order after the sampler that made `tokens`."""
         input_ids.index_copy_(0, rows, self.tokens.index_select(0, src))
 
 
@@ -189,21 +208,22 @@ class DecodeGraphs:
         slot_mapping: np.ndarray,
         context_lens: np.ndarray,
         block_tables: np.ndarray,
-        feed: tuple[TokenFeed, np.ndarray, np.ndarray] | None = None,
+        fed: FedRows | None = None,
     ) -> torch.Tensor:
         """Replay the decode step for these rows (one token each); hidden states [rows, hidden].
 
-        `feed` (tokens, rows, sources) fills the input ids of rows whose token is still on the
-        device. The result is a view of the graph's output: read it before the next replay.
+        `fed` fills the input ids of rows whose token is still on the device. The result is a
+        view of the graph's output: read it before the next replay.
         """
         n = input_ids.shape[0]
         size = self.size_for(n)
         assert size is not None, f"{n} rows exceed the largest captured batch {self.sizes[-1]}"
         rows = (input_ids, positions, slot_mapping, context_lens)
         padded = [_padded(a, size, dtype, fill) for a, (dtype, fill) in zip(rows, _INPUTS)]
-        views = stage([*padded, block_tables, *(feed[1:] if feed else ())], self.device, out=self.inputs)
-        if feed:
-            feed[0].fill(views[0], views[5], views[6])
+        extra = [fed.rows, fed.src] if fed is not None else []
+        views = stage([*padded, block_tables, *extra], self.device, out=self.inputs)
+        if fed is not None:
+            fed.fill(views[0], views[5], views[6])
         # The tables travel packed to this step's width; the graph reads them at full width.
         self.block_tables[:n, : block_tables.shape[1]].copy_(views[4])
         entry = self.graphs[size]

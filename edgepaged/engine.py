@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
-import numpy as np
 import torch
 
 from .attention import AttentionBackend
@@ -26,8 +25,7 @@ from .memory.planner import MemoryPlan
 from .models.loader import DEFAULT_MODEL, generation_eos_ids, load_tokenizer, resolve_model
 from .profiles import DeviceProfile, load_profile
 from .models.weights import load_weights
-from .cuda_graph import TokenFeed, stage
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, TokenFeed
 from .planning import plan_for
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .detokenizer import IncrementalDetokenizer
@@ -198,10 +196,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Launch one scheduled step; return the outputs of the tokens that landed.
 
-        Overlapping (`EngineConfig.overlap_steps`), a step is launched before the previous step's tokens are read:
-        its sequences take those tokens from the device, and the host reads them, appends,
-        detokenizes and checks stops while the GPU runs the new step. A sequence that stopped
-        on a token read late has computed one token too many; that token is dropped.
+        Overlapping (`EngineConfig.overlap_steps`), a step is launched before the previous
+        step's tokens are read: its sequences take those tokens from the device, and the host
+        reads them, appends, detokenizes and checks stops while the GPU runs the new step. A
+        sequence that stopped on a token read late has computed one token too many; it is dropped.
         """
         sched = self.scheduler.schedule()
         launched = self._launch(sched) if sched.chunks else None
@@ -237,11 +235,8 @@ class LLMEngine:
                     self.scheduler.add_running(child)
                     seqs.append(child)
                     rows.append(row)
-        logits = result.logits
-        if len(rows) != len(result.sampled):
-            (index,) = stage([np.array(rows, dtype=np.int64)], logits.device)
-            logits = logits[index]
-        tokens = self.sampler(logits, [SamplingRow(s.request.params, s.generator) for s in seqs])
+        forked = rows if len(rows) != len(result.sampled) else None
+        tokens = self.sampler(result.logits, [SamplingRow(s.request.params, s.generator) for s in seqs], forked)
         for seq in seqs:
             seq.num_pending += 1
         return _StepInFlight(seqs, tokens, _TokensToHost(tokens), {s.seq_id: i for i, s in enumerate(seqs)})

@@ -19,7 +19,7 @@ import torch
 
 from .attention import AttentionBackend, AttentionBatch
 from .cache import KVCacheManager
-from .cuda_graph import DecodeGraphs, TokenFeed, graphs_requested, stage
+from .cuda_graph import DecodeGraphs, FedRows, TokenFeed, graphs_requested, stage
 from .models.llama import LlamaForCausalLM
 from .scheduler import ScheduledChunk, SchedulerOutput
 
@@ -321,32 +321,31 @@ class ModelRunner:
         self.copy_blocks(out.block_copies)
         chunks = [c for c in out.chunks if c.num_tokens == 1] + [c for c in out.chunks if c.num_tokens > 1]
         step = self.build_step(chunks, kv, tables_changed=bool(out.block_copies))
-        fed = _fed_rows(chunks, feed)
-        feed_args = (feed, *fed) if feed is not None and fed is not None else None
+        fed = feed.for_step([c.seq for c in chunks]) if feed is not None else None
         graphs = self.graphs
         if graphs and step.max_query_len <= GRAPH_MAX_CHUNK and graphs.size_for(step.input_ids.shape[0]):
             hidden = graphs.run(
-                step.input_ids, step.positions, step.slot_mapping, *step.token_rows(), feed=feed_args
+                step.input_ids, step.positions, step.slot_mapping, *step.token_rows(), fed=fed
             )
         else:
-            hidden = self._forward_eager(step, feed_args)
+            hidden = self._forward_eager(step, fed)
         if not step.sample_rows.shape[0]:
             return StepResult(None, [])
         sampled = [c for c in chunks if c.completes_prompt]
         return StepResult(self._sample(step, hidden), sampled)
 
-    def _forward_eager(self, step: HostStep, feed: tuple[TokenFeed, np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+    def _forward_eager(self, step: HostStep, fed: FedRows | None = None) -> torch.Tensor:
         nd = step.num_decode
         prefill_lens = step.query_lens[nd:]
         starts = np.zeros(prefill_lens.shape[0] + 1, dtype=np.int32)
         np.cumsum(prefill_lens, out=starts[1:])
-        ids, positions, slots, context_lens, starts, tables, *fed = stage(
-            [step.input_ids, step.positions, step.slot_mapping, step.context_lens, starts, step.block_tables,
-             *(feed[1:] if feed else ())],
+        extra = [fed.rows, fed.src] if fed is not None else []
+        ids, positions, slots, context_lens, starts, tables, *fed_views = stage(
+            [step.input_ids, step.positions, step.slot_mapping, step.context_lens, starts, step.block_tables, *extra],
             self.device,
         )
-        if feed:
-            feed[0].fill(ids, *fed)
+        if fed is not None:
+            fed.fill(ids, *fed_views)
         batch = AttentionBatch(
             slot_mapping=slots,
             num_decode_tokens=nd,
@@ -369,13 +368,3 @@ class ModelRunner:
         (rows,) = stage([step.sample_rows], self.device)
         return self.model.compute_logits(hidden[rows])
 
-
-def _fed_rows(chunks: list[ScheduledChunk], feed: TokenFeed | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Token rows whose input is still on the device, and where in `feed.tokens` each one is."""
-    if feed is None:
-        return None
-    rows = [i for i, c in enumerate(chunks) if c.seq.num_pending]
-    if not rows:
-        return None
-    src = [feed.rows[chunks[i].seq.seq_id] for i in rows]
-    return np.array(rows, dtype=np.int64), np.array(src, dtype=np.int64)

@@ -76,7 +76,13 @@ class Sampler:
     memory without blocking, so the engine can launch the next step before these tokens exist.
     """
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], logit_rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """`logit_rows[i]` is the logits row sampling row i reads (n > 1 samples share one);
+        None: row i reads row i."""
+        if logit_rows is not None:
+            logits = logits[_to_device(logit_rows, torch.int64, logits.device)]
         logits = logits.float()
         greedy_tokens = logits.argmax(dim=-1)
         if all(r.params.greedy for r in rows):

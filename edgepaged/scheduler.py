@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .cache import KVCacheManager
+from .cache import BlockHash, KVCacheManager
 from .sequence import Sequence, SequenceStatus
 
 
@@ -73,7 +73,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         # Full blocks that running sequences are still computing (prompts and recomputes): a
         # waiting sequence whose next uncached block is one of them waits until it is cached.
-        computing: set = set()
+        computing: set[BlockHash] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

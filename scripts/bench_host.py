@@ -51,7 +51,7 @@ def stub_engine(folder: Path, block_size: int, max_num_seqs: int, num_blocks: in
     runner, hidden = engine.runner, engine.model_config.hidden_size
     # Narrow logits: the argmax over a real vocabulary is device work on a GPU, not host work.
     logits = torch.randn(max_num_seqs * 4, 64)
-    runner._forward_eager = lambda step, feed=None: torch.zeros(step.input_ids.shape[0], hidden)
+    runner._forward_eager = lambda step, fed=None: torch.zeros(step.input_ids.shape[0], hidden)
     runner.model.compute_logits = lambda h: logits[: h.shape[0]]
     return engine
 
