@@ -49,3 +49,16 @@ def engine_config(**overrides) -> EngineConfig:
 
 def make_engine(folder: Path, **overrides) -> LLMEngine:
     return LLMEngine(folder, engine_config(**overrides))
+
+
+def record_schedules(engine: LLMEngine) -> list:
+    """Every SchedulerOutput the engine's scheduler returns from now on, in order."""
+    outs, schedule = [], engine.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        outs.append(out)
+        return out
+
+    engine.scheduler.schedule = recording
+    return outs

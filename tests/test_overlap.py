@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_engine
+from conftest import make_engine, record_schedules
 
 from edgepaged import SamplingParams
 
@@ -84,20 +84,11 @@ def test_a_stop_read_one_step_late_drops_the_extra_token(tiny_model_dir, device)
 def test_overlap_never_schedules_past_max_tokens(tiny_model_dir):
     """The scheduler knows a sequence's last token is on the device and runs nothing more."""
     engine = _engine(tiny_model_dir, True, "cpu")
-    scheduled = 0
-    schedule = engine.scheduler.schedule
-
-    def counting():
-        nonlocal scheduled
-        out = schedule()
-        scheduled += out.num_tokens
-        return out
-
-    engine.scheduler.schedule = counting
+    outs = record_schedules(engine)
     prompt = list(range(1, 21))
     _run(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
     # The prompt once, then each output token but the last as the next step's input.
-    assert scheduled == len(prompt) + 6 - 1
+    assert sum(o.num_tokens for o in outs) == len(prompt) + 6 - 1
 
 
 def test_abort_while_a_step_is_in_flight(tiny_model_dir):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import make_engine
+from conftest import make_engine, record_schedules
 
 from edgepaged import SamplingParams
 
@@ -22,19 +22,6 @@ def _prompts(prefix_len: int, tails: list[int], seed: int = 0) -> list[list[int]
     rng = random.Random(seed)
     prefix = [rng.randrange(1, 500) for _ in range(prefix_len)]
     return [prefix + [rng.randrange(1, 500) for _ in range(n)] for n in tails]
-
-
-def _spy(engine) -> list:
-    """Record every scheduler output."""
-    outs, schedule = [], engine.scheduler.schedule
-
-    def recording():
-        out = schedule()
-        outs.append(out)
-        return out
-
-    engine.scheduler.schedule = recording
-    return outs
 
 
 def _run(engine, prompts):
@@ -50,7 +37,7 @@ def test_requests_sharing_an_uncached_prefix_compute_it_once(tiny_model_dir, bud
     others would start computing the same prefix in that step."""
     prompts = _prompts(64, [5, 9, 3, 12])
     engine = make_engine(tiny_model_dir, max_num_batched_tokens=budget)
-    outs = _spy(engine)
+    outs = record_schedules(engine)
     got = _run(engine, prompts)
     computed = sum(o.num_tokens for o in outs)
     decode_inputs = len(prompts) * (PARAMS.max_tokens - 1)
