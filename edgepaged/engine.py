@@ -205,7 +205,7 @@ class LLMEngine:
         launched = self._launch(sched) if sched.chunks else None
         outputs = self._land(self._in_flight) if self._in_flight is not None else []
         self._in_flight = launched
-        if launched is not None and not self.config.overlap_steps:
+        if launched is not None and (not self.config.overlap_steps or launched.needs_history):
             self._in_flight = None
             outputs += self._land(launched)
         return outputs
@@ -236,10 +236,13 @@ class LLMEngine:
                     seqs.append(child)
                     rows.append(row)
         forked = rows if len(rows) != len(result.sampled) else None
-        tokens = self.sampler(result.logits, [SamplingRow(s.request.params, s.generator) for s in seqs], forked)
+        tokens = self.sampler(result.logits, [_sampling_row(s) for s in seqs], forked)
         for seq in seqs:
             seq.num_pending += 1
-        return _StepInFlight(seqs, tokens, _TokensToHost(tokens), {s.seq_id: i for i, s in enumerate(seqs)})
+        return _StepInFlight(
+            seqs, tokens, _TokensToHost(tokens), {s.seq_id: i for i, s in enumerate(seqs)},
+            needs_history=any(s.request.params.has_penalties for s in seqs),
+        )
 
     def _land(self, flight: _StepInFlight) -> list[RequestOutput]:
         """Read a launched step's tokens (waiting for that step only) and apply them."""
@@ -403,6 +406,16 @@ def _find_stop(text: str, stops: list[str], new_chars: int) -> int | None:
     return best
 
 
+def _sampling_row(seq: Sequence) -> SamplingRow:
+    params = seq.request.params
+    if not params.has_penalties:
+        return SamplingRow(params, seq.generator)
+    # Penalties read the whole history: a step sampling such a row lands before the next one
+    # launches (see `step`), so no token of this sequence is still on the device.
+    assert not seq.num_pending, "a penalised sequence has a token still on the device"
+    return SamplingRow(params, seq.generator, seq.request.prompt_token_ids, seq.output_token_ids)
+
+
 class _TokensToHost:
     """A step's sampled tokens on their way to the host.
 
@@ -431,3 +444,4 @@ class _StepInFlight:
     tokens: torch.Tensor  # [len(seqs)] on the device: the next step's inputs
     host: _TokensToHost
     rows: dict[int, int]  # seq_id -> index in tokens
+    needs_history: bool  # a row has penalties: land at once, its next step needs this token

@@ -3,6 +3,10 @@
 Every row of a batch carries its own parameters, so greedy, temperature, top-k/top-p and seeded
 requests share one step. A seeded row draws its noise from its own generator; that generator
 lives on the sequence, so a request preempted and recomputed draws exactly what it would have.
+
+Penalties (presence and frequency as in OpenAI's API, repetition as in vLLM and transformers)
+reshape a row's logits from the tokens its sequence already holds, before greedy or sampled
+choice alike; those rows carry their token history, which must therefore be on the host.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # divides (positive) or multiplies (negative) the logits
+    # of tokens in the prompt or the output; 1 is off
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,10 +60,21 @@ class SamplingParams:
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+        _check(
+            isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 10,
+            f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}",
+        )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _check(ok: bool, message: str) -> None:
@@ -67,6 +86,9 @@ def _check(ok: bool, message: str) -> None:
 class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None = field(default=None)
+    # Only for rows with penalties: the sequence's tokens so far.
+    prompt_ids: list[int] | None = None
+    output_ids: list[int] | None = None
 
 
 class Sampler:
@@ -84,6 +106,8 @@ class Sampler:
         if logit_rows is not None:
             logits = logits[_to_device(logit_rows, torch.int64, logits.device)]
         logits = logits.float()
+        if any(r.params.has_penalties for r in rows):
+            logits = _apply_penalties(logits, rows)
         greedy_tokens = logits.argmax(dim=-1)
         if all(r.params.greedy for r in rows):
             return greedy_tokens
@@ -103,6 +127,28 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = _to_device([r.params.greedy for r in rows], torch.bool, device)
         return torch.where(is_greedy, greedy_tokens, sampled)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Presence, frequency and repetition penalties from each row's token history, built as
+    per-row token counts over the vocabulary (rows without penalties get neutral values)."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    output_counts = torch.zeros(num_rows, vocab, device=device)
+    seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        if not r.params.has_penalties:
+            continue
+        out = _to_device(r.output_ids or [], torch.int64, device)
+        output_counts[i].index_add_(0, out, torch.ones(out.shape[0], device=device))
+        seen[i, _to_device(r.prompt_ids or [], torch.int64, device)] = True
+    seen |= output_counts > 0
+    presence = _to_device([r.params.presence_penalty for r in rows], torch.float32, device).unsqueeze(1)
+    frequency = _to_device([r.params.frequency_penalty for r in rows], torch.float32, device).unsqueeze(1)
+    repetition = _to_device([r.params.repetition_penalty for r in rows], torch.float32, device).unsqueeze(1)
+    scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, scaled, logits)
+    return logits - frequency * output_counts - presence * (output_counts > 0).float()
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -205,3 +205,49 @@ def test_abort_before_fork_finishes_an_n_request(engine):
     out = engine.abort_request("n3")
     assert out.finished and [o.finish_reason for o in out.outputs] == ["abort"]
     assert engine.kv.pool.num_used == 0
+
+
+def test_penalties_reshape_logits_as_documented():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.9, 0.0]])
+    greedy = lambda **kw: Sampler()(logits, [SamplingRow(SamplingParams(temperature=0.0, **kw), None, [1], [0, 0, 2])])
+    assert greedy().item() == 0
+    # repetition 2: token 0 (in the output) 2.0 -> 1.0, so token 3 (1.9, never seen) wins.
+    assert greedy(repetition_penalty=2.0).item() == 3
+    # frequency 0.3: token 0 seen twice, 2.0 - 0.6 = 1.4 < 1.9.
+    assert greedy(frequency_penalty=0.3).item() == 3
+    # presence 0.3: subtracted once, 1.7 < 1.9; presence 0.05 keeps token 0 ahead.
+    assert greedy(presence_penalty=0.3).item() == 3
+    assert greedy(presence_penalty=0.05).item() == 0
+    # A negative logit of a seen token is pushed further down by repetition (multiplied).
+    low = torch.tensor([[-0.5, -0.6]])
+    rows = [SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=1.5), None, [], [0])]
+    assert Sampler()(low, rows).item() == 1
+
+
+def test_penalties_only_touch_their_own_rows():
+    logits = torch.tensor([[2.0, 1.9], [2.0, 1.9]])
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, frequency_penalty=1.0), None, [], [0]),
+        SamplingRow(SamplingParams(temperature=0.0), None),
+    ]
+    assert Sampler()(logits, rows).tolist() == [1, 0]
+
+
+def test_repetition_penalty_breaks_a_greedy_loop(tiny_model_dir):
+    eng = make_engine(tiny_model_dir)
+    outs = {}
+    for penalty in (1.0, 1.8):
+        params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, repetition_penalty=penalty)
+        outs[penalty] = _generate(eng, [5, 6, 7], params, f"rep{penalty}").outputs[0].token_ids
+    repeats = {p: len(ids) - len(set(ids)) for p, ids in outs.items()}
+    assert repeats[1.8] < repeats[1.0], repeats
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_bad_penalties(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)

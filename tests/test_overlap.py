@@ -44,8 +44,9 @@ def _prompts(n: int = 8, seed: int = 3) -> list[list[int]]:
     [
         SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
         SamplingParams(temperature=0.9, top_p=0.9, seed=5, n=3, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.2),
     ],
-    ids=["greedy", "seeded-n3"],
+    ids=["greedy", "seeded-n3", "penalties"],
 )
 @pytest.mark.parametrize("num_kv_blocks", [256, 14], ids=["roomy", "preempting"])
 def test_overlap_gives_the_same_tokens(tiny_model_dir, device, params, num_kv_blocks):

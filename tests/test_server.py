@@ -145,6 +145,21 @@ def test_completion_matches_offline_greedy(live, offline):
     assert got.usage.completion_tokens in range(1, 13)
 
 
+def test_penalties_reach_the_sampler(live, offline):
+    """OpenAI's presence/frequency penalties and vLLM's repetition_penalty give the offline
+    engine's answer with the same penalties, which differs from the unpenalised one."""
+    prompt = "The capital of France is"
+    penalties = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.5)
+    want = offline_greedy(offline, [prompt], 24, ignore_eos=True, **penalties)[0]
+    plain = offline_greedy(offline, [prompt], 24, ignore_eos=True)[0]
+    assert want != plain
+    got = live.client().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+        presence_penalty=0.5, frequency_penalty=0.5, extra_body={"repetition_penalty": 1.5, "ignore_eos": True},
+    )
+    assert got.choices[0].text == want
+
+
 def test_chat_streamed_and_not_agree_with_offline(live, offline):
     messages = [{"role": "user", "content": "Name a colour."}]
     want = offline_greedy(offline, [chat_ids(offline, "Name a colour.")], 10)[0]
@@ -331,6 +346,10 @@ BAD_REQUESTS = [
     ("token out of vocab", "/v1/completions", {"model": MODEL, "prompt": [10**9]}, AUTH, 400, "token ids"),
     ("prompt longer than context", "/v1/completions", {"model": MODEL, "prompt": _LONG_PROMPT}, AUTH, 400, "context"),
     ("logprobs", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, AUTH, 400, "logprobs"),
+    ("presence penalty range", "/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 3}, AUTH, 400,
+     "presence_penalty"),
+    ("repetition penalty zero", "/v1/completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 0}, AUTH, 400,
+     "repetition_penalty"),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, AUTH, 404, "gpt-9"),
     ("empty messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, AUTH, 400, "messages"),
     (

@@ -21,6 +21,9 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
     top_k: int = typer.Option(-1, "--top-k", help="Sample among the k likeliest tokens (-1: all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="Above 1 discourages tokens already in the prompt or answer (1: off)."
+    ),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Apply the model's chat template (when it has one)."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for --chat."),
 ) -> None:
@@ -31,7 +34,8 @@ def generate(
         if not prompt.strip():
             raise RequestError("the prompt is empty")
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            repetition_penalty=repetition_penalty,
         )
         engine = LLMEngine.from_model(model, profile, backend=backend)
         tokenizer = engine.tokenizer

@@ -330,6 +330,9 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                 max_tokens=max_tokens,
                 stop=body.stop,
                 ignore_eos=body.ignore_eos,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
             )
         except ValueError as exc:
             raise RequestError(str(exc)) from None

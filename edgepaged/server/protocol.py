@@ -2,7 +2,7 @@
 
 Requests are validated strictly (no "10" for 10, no true for 1) so a client bug is a clear 400
 instead of a silent guess. Fields the OpenAI API has but this server cannot honour (logprobs,
-penalties, tools) are rejected by name rather than ignored: a client that asks for them must
+logit_bias, tools) are rejected by name rather than ignored: a client that asks for them must
 not get an answer that looks as if they were applied. Unknown fields are ignored, as OpenAI's
 own clients send vendor extensions freely.
 """
@@ -28,8 +28,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -58,8 +56,12 @@ class _SamplingRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # vLLM-style extensions, useful for benchmarks with fixed output lengths.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # vLLM-style extensions: top_k and repetition_penalty for sampling, ignore_eos for
+    # benchmarks with fixed output lengths.
     top_k: int = Field(default=-1, ge=-1)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
 
     @field_validator("stop")
