@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import EdgepagedError, ModelLoadError, RequestError
-from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ __all__ = [
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",
+    "TokenLogprob",
     "EngineStats",
     "EdgepagedError",
     "ModelLoadError",

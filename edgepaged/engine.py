@@ -27,7 +27,7 @@ from .profiles import DeviceProfile, load_profile
 from .models.weights import load_weights
 from .model_runner import ModelRunner, TokenFeed
 from .planning import plan_for
-from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from .detokenizer import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from .scheduler import Scheduler, SchedulerOutput
@@ -172,6 +172,8 @@ class LLMEngine:
     def _new_sequence(self, request: Request, token_ids: list[int], index: int) -> Sequence:
         seq = Sequence(next(self._seq_ids), request, token_ids, index=index)
         seq.generator = make_generator(request.params.seed, index, self.config.device)
+        if request.params.logprobs is not None:
+            seq.logprobs = []
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
         request.sequences.append(seq)
@@ -237,10 +239,14 @@ class LLMEngine:
                     rows.append(row)
         forked = rows if len(rows) != len(result.sampled) else None
         tokens = self.sampler(result.logits, [_sampling_row(s) for s in seqs], forked)
+        to_host = [tokens]
+        num_top = max((s.request.params.logprobs for s in seqs if s.logprobs is not None), default=None)
+        if num_top is not None:
+            to_host += self.sampler.logprobs(result.logits, tokens, num_top, forked)
         for seq in seqs:
             seq.num_pending += 1
         return _StepInFlight(
-            seqs, tokens, _TokensToHost(tokens), {s.seq_id: i for i, s in enumerate(seqs)},
+            seqs, tokens, _ToHost(to_host), {s.seq_id: i for i, s in enumerate(seqs)},
             needs_history=any(s.request.params.has_penalties for s in seqs),
         )
 
@@ -248,7 +254,8 @@ class LLMEngine:
         """Read a launched step's tokens (waiting for that step only) and apply them."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, token in zip(flight.seqs, flight.host.values()):
+        tokens, *logprobs = flight.host.values()
+        for row, (seq, token) in enumerate(zip(flight.seqs, tokens)):
             seq.num_pending -= 1
             if seq.status is SequenceStatus.FINISHED:
                 continue  # stopped or aborted while this step ran: its token is dropped
@@ -256,6 +263,8 @@ class LLMEngine:
             if request.first_token_time is None:
                 request.first_token_time = now
                 self.prompt_tokens_total += len(request.prompt_token_ids)
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._token_logprob(token, request.params.logprobs, row, *logprobs))
             self._append_token(seq, token)
             touched[request.request_id] = request
         outputs = [self._output(request) for request in touched.values()]
@@ -263,6 +272,15 @@ class LLMEngine:
             if out.finished:
                 self.requests.pop(out.request_id, None)
         return outputs
+
+    def _token_logprob(
+        self, token: int, num_top: int, row: int, chosen: list[float], top_ids: list[list[int]], top: list[list[float]]
+    ) -> TokenLogprob:
+        alternatives = [(t, self._token_text(t), lp) for t, lp in zip(top_ids[row][:num_top], top[row][:num_top])]
+        return TokenLogprob(token, self._token_text(token), chosen[row], alternatives)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
@@ -297,6 +315,7 @@ class LLMEngine:
                 text=s.detokenizer.text[: s.visible_text_len] if s.detokenizer else "",
                 token_ids=s.output_token_ids,
                 finish_reason=s.finish_reason,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
             )
             for s in request.sequences
         ]
@@ -416,32 +435,33 @@ def _sampling_row(seq: Sequence) -> SamplingRow:
     return SamplingRow(params, seq.generator, seq.request.prompt_token_ids, seq.output_token_ids)
 
 
-class _TokensToHost:
-    """A step's sampled tokens on their way to the host.
+class _ToHost:
+    """A step's sampled tokens (and their log-probabilities, if asked) on their way to the host.
 
-    The copy is queued right behind the sampler, so reading it waits for that step only, not
-    for a step launched after it.
+    The copies are queued right behind the sampler, so reading them waits for that step only,
+    not for a step launched after it.
     """
 
-    def __init__(self, tokens: torch.Tensor):
-        if tokens.device.type == "cuda":
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+    def __init__(self, tensors: list[torch.Tensor]):
+        if tensors[0].device.type == "cuda":
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, t in zip(self._host, tensors):
+                host.copy_(t, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
         else:
-            self._host, self._ready = tokens, None
+            self._host, self._ready = tensors, None
 
-    def values(self) -> list[int]:
+    def values(self) -> list[list]:
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.tolist()
+        return [t.tolist() for t in self._host]
 
 
 @dataclass(slots=True)
 class _StepInFlight:
     seqs: list[Sequence]  # one per sampled row, forked samples included
     tokens: torch.Tensor  # [len(seqs)] on the device: the next step's inputs
-    host: _TokensToHost
+    host: _ToHost
     rows: dict[int, int]  # seq_id -> index in tokens
     needs_history: bool  # a row has penalties: land at once, its next step needs this token

@@ -6,11 +6,23 @@ from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature and penalties),
+    with the likeliest alternatives at that position, best first."""
+
+    token_id: int
+    token: str  # its text alone ("" for a model without a tokenizer)
+    logprob: float
+    top: list[tuple[int, str, float]]  # (token id, text, log-probability)
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # None while running, then "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request sampling settings, named and defaulted as in vLLM so users know them."""
@@ -34,6 +37,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # divides (positive) or multiplies (negative) the logits
     # of tokens in the prompt or the output; 1 is off
+    logprobs: int | None = None  # each generated token's log-probability and this many alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +70,10 @@ class SamplingParams:
         _check(
             isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 10,
             f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}",
+        )
+        _check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            f"logprobs must be None or 0 to {MAX_LOGPROBS}, got {self.logprobs!r}",
         )
 
     @property
@@ -127,6 +135,21 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = _to_device([r.params.greedy for r in rows], torch.bool, device)
         return torch.where(is_greedy, greedy_tokens, sampled)
+
+
+    @staticmethod
+    def logprobs(
+        logits: torch.Tensor, tokens: torch.Tensor, num_top: int, logit_rows: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chosen tokens' log-probabilities [R] under the model's own distribution (the raw
+        logits, before temperature and penalties, as vLLM and OpenAI report them), and the
+        `num_top` likeliest tokens [R, num_top] with theirs. On the device, without waiting."""
+        if logit_rows is not None:
+            logits = logits[_to_device(logit_rows, torch.int64, logits.device)]
+        logprobs = logits.float().log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
+        return chosen, top_ids, top_logprobs
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

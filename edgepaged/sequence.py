@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .outputs import TokenLogprob
 from .sampling import SamplingParams
 
 
@@ -57,6 +58,7 @@ class Sequence:
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
     visible_text_len: int = 0  # how much of the detokenized text may be shown (stop holdback)
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when the request asks
     # Sampled by steps still on the device, not yet in token_ids: at most one when a step is
     # scheduled, two for the moment between launching a step and landing the one before.
     num_pending: int = 0

@@ -251,3 +251,35 @@ def test_repetition_penalty_breaks_a_greedy_loop(tiny_model_dir):
 def test_bad_penalties(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_logprobs_match_the_model_distribution(tiny_model_dir):
+    """Each generated token's log-probability and its top alternatives equal a transformers
+    forward pass over prompt + output; with sampling they are still the model's own (raw)."""
+    from transformers import AutoModelForCausalLM
+
+    eng = make_engine(tiny_model_dir)
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(temperature=0.7, seed=3, max_tokens=6, ignore_eos=True, logprobs=3, repetition_penalty=1.2)
+    out = _generate(eng, prompt, params, "lp").outputs[0]
+    assert len(out.logprobs) == len(out.token_ids) == 6
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt + out.token_ids])).logits[0].log_softmax(-1)
+    for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert entry.token_id == token and entry.token == eng.tokenizer.decode([token])
+        assert abs(entry.logprob - row[token].item()) < 1e-4
+        want = row.topk(3)
+        assert [t for t, _, _ in entry.top] == want.indices.tolist()
+        assert all(abs(lp - w) < 1e-4 for (_, _, lp), w in zip(entry.top, want.values.tolist()))
+    plain = _generate(eng, prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), "nolp").outputs[0]
+    assert plain.logprobs is None
+
+
+def test_logprobs_zero_gives_only_the_chosen_token(engine):
+    out = _generate(engine, [9, 10], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0), "lp0")
+    entries = out.outputs[0].logprobs
+    assert len(entries) == 4 and all(e.top == [] and e.logprob <= 0 for e in entries)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)

@@ -160,6 +160,34 @@ def test_penalties_reach_the_sampler(live, offline):
     assert got.choices[0].text == want
 
 
+def test_logprobs_in_both_formats_match_the_engine(live, offline):
+    """Completions give the legacy parallel lists, chat gives content entries with bytes; both
+    carry the offline engine's values for the same greedy tokens."""
+    prompt = "The capital of France is"
+    offline.add_request("lp-ref", prompt, SamplingParams(temperature=0.0, max_tokens=5, logprobs=2, ignore_eos=True))
+    want = offline.run_to_completion(["lp-ref"])["lp-ref"].outputs[0].logprobs
+    got = live.client().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    ).choices[0]
+    lp = got.logprobs
+    assert lp.tokens == [e.token for e in want] and "".join(lp.tokens) == got.text
+    assert all(abs(a - e.logprob) < 1e-5 for a, e in zip(lp.token_logprobs, want))
+    assert [list(t) for t in lp.top_logprobs] == [[text for _, text, _ in e.top] for e in want]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+
+    chat = live.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=3,
+    ).choices[0]
+    entries = chat.logprobs.content
+    assert len(entries) == 4 and "".join(e.token for e in entries).startswith(chat.message.content)
+    for e in entries:
+        assert e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].logprob >= e.logprob - 1e-6  # greedy: the chosen token is the likeliest
+    plain = live.client().completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_chat_streamed_and_not_agree_with_offline(live, offline):
     messages = [{"role": "user", "content": "Name a colour."}]
     want = offline_greedy(offline, [chat_ids(offline, "Name a colour.")], 10)[0]
@@ -345,7 +373,12 @@ BAD_REQUESTS = [
     ("batched prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, AUTH, 400, "one prompt"),
     ("token out of vocab", "/v1/completions", {"model": MODEL, "prompt": [10**9]}, AUTH, 400, "token ids"),
     ("prompt longer than context", "/v1/completions", {"model": MODEL, "prompt": _LONG_PROMPT}, AUTH, 400, "context"),
-    ("logprobs", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, AUTH, 400, "logprobs"),
+    ("logprobs while streaming", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2, "stream": True},
+     AUTH, 400, "stream"),
+    ("logprobs out of range", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, AUTH, 400, "logprobs"),
+    ("top_logprobs alone", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, AUTH, 400, "top_logprobs"),
+    ("logit_bias", "/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 1}}, AUTH, 400, "logit_bias"),
     ("presence penalty range", "/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 3}, AUTH, 400,
      "presence_penalty"),
     ("repetition penalty zero", "/v1/completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 0}, AUTH, 400,

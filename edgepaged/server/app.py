@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgepaged.outputs import RequestOutput
+from edgepaged.outputs import RequestOutput, TokenLogprob
 from edgepaged.errors import RequestError
 from edgepaged.rag import NoRelevantChunks, RagPipeline, Source
 from edgepaged.sampling import SamplingParams
@@ -43,7 +43,9 @@ from edgepaged.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
@@ -212,12 +214,14 @@ class _Choices:
     n: int
     text: list[str] = field(default_factory=list)
     finish: list[str | None] = field(default_factory=list)
+    logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.text = [""] * self.n
         self.finish = [None] * self.n
+        self.logprobs = [None] * self.n
         self.completion_tokens = [0] * self.n
 
     def deltas(self, out: RequestOutput) -> list[tuple[int, str, str | None]]:
@@ -228,6 +232,7 @@ class _Choices:
                 continue
             delta = c.text[len(self.text[c.index]) :]
             self.text[c.index] = c.text
+            self.logprobs[c.index] = c.logprobs
             self.completion_tokens[c.index] = len(c.token_ids)
             self.finish[c.index] = c.finish_reason
             if delta or c.finish_reason is not None:
@@ -330,6 +335,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                 max_tokens=max_tokens,
                 stop=body.stop,
                 ignore_eos=body.ignore_eos,
+                logprobs=body.num_logprobs,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty,
@@ -452,7 +458,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         if not await finished_output(stream, timer, request, choices):
             return error_response(_CLIENT_GONE)
         items = [
-            CompletionChoice(index=i, text=choices.text[i], finish_reason=choices.finish[i]) for i in range(body.n)
+            CompletionChoice(
+                index=i, text=choices.text[i], finish_reason=choices.finish[i],
+                logprobs=None if choices.logprobs[i] is None else CompletionLogprobs.of(choices.logprobs[i]),
+            )
+            for i in range(body.n)
         ]
         return JSONResponse(chunk(items, choices.usage()).model_dump())
 
@@ -506,7 +516,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         if not await finished_output(stream, timer, request, choices):
             return error_response(_CLIENT_GONE)
         items = [
-            ChatChoice(index=i, message=AssistantMessage(content=choices.text[i]), finish_reason=choices.finish[i])
+            ChatChoice(
+                index=i, message=AssistantMessage(content=choices.text[i]), finish_reason=choices.finish[i],
+                logprobs=None if choices.logprobs[i] is None else ChatLogprobs.of(choices.logprobs[i]),
+            )
             for i in range(body.n)
         ]
         response = ChatCompletionResponse(

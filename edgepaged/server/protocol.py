@@ -1,14 +1,15 @@
 """The OpenAI wire format the server speaks: request validation and response shapes.
 
 Requests are validated strictly (no "10" for 10, no true for 1) so a client bug is a clear 400
-instead of a silent guess. Fields the OpenAI API has but this server cannot honour (logprobs,
-logit_bias, tools) are rejected by name rather than ignored: a client that asks for them must
+instead of a silent guess. Fields the OpenAI API has but this server cannot honour (logit_bias,
+tools, logprobs while streaming) are rejected by name rather than ignored: a client that asks for them must
 not get an answer that looks as if they were applied. Unknown fields are ignored, as OpenAI's
 own clients send vendor extensions freely.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
 from pydantic import (
@@ -21,10 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from edgepaged.outputs import TokenLogprob
+
 # Fields of the OpenAI API this server does not implement, with the values that mean "off".
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -89,6 +90,12 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def _check_logprobs(self, num_logprobs: int | None) -> None:
+        """Each endpoint spells the request its own way (`num_logprobs`: alternatives per token
+        when log-probabilities are asked for, else None); neither streams them."""
+        if num_logprobs is not None and self.stream:
+            raise ValueError("'logprobs' are returned with 'stream': false only")
+
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions: one prompt, as text or as token ids.
@@ -98,13 +105,19 @@ class CompletionRequest(_SamplingRequest):
     """
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # the legacy API's alternatives per token
 
     @model_validator(mode="after")
     def _no_rag(self) -> CompletionRequest:
         # Ignoring it would answer without the documents the client asked for.
         if "rag" in (self.model_extra or {}):
             raise ValueError("'rag' works with /v1/chat/completions only")
+        self._check_logprobs(self.num_logprobs)
         return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -154,12 +167,21 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     rag: RagOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _rag_needs_a_question(self) -> ChatCompletionRequest:
         if self.rag is not None and not self.rag_question:
             raise ValueError("with 'rag', the last user message is the question: send one that is not empty")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        self._check_logprobs(self.num_logprobs)
         return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def output_limit(self) -> int | None:
@@ -183,11 +205,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]  # where each token starts in the choice's text
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob]) -> CompletionLogprobs:
+        offsets = list(itertools.accumulate((len(e.token) for e in entries[:-1]), initial=0)) if entries else []
+        return cls(
+            tokens=[e.token for e in entries],
+            token_logprobs=[e.logprob for e in entries],
+            top_logprobs=[{text: lp for _, text, lp in e.top} for e in entries],
+            text_offset=offsets,
+        )
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -227,11 +268,40 @@ class _WithRagSources(BaseModel):
         return data
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob]) -> ChatLogprobs:
+        def top(text: str, lp: float) -> TopLogprob:
+            return TopLogprob(token=text, logprob=lp, bytes=list(text.encode()))
+
+        return cls(
+            content=[
+                ChatTokenLogprob(
+                    token=e.token, logprob=e.logprob, bytes=list(e.token.encode()),
+                    top_logprobs=[top(text, lp) for _, text, lp in e.top],
+                )
+                for e in entries
+            ]
+        )
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(_WithRagSources):
