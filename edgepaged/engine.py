@@ -238,16 +238,26 @@ class LLMEngine:
                     seqs.append(child)
                     rows.append(row)
         forked = rows if len(rows) != len(result.sampled) else None
-        tokens = self.sampler(result.logits, [_sampling_row(s) for s in seqs], forked)
-        to_host = [tokens]
-        num_top = max((s.request.params.logprobs for s in seqs if s.logprobs is not None), default=None)
-        if num_top is not None:
-            to_host += self.sampler.logprobs(result.logits, tokens, num_top, forked)
+        sampling_rows, num_top, needs_history = [], -1, False
         for seq in seqs:
+            params = seq.request.params
+            if params.has_penalties:
+                # Penalties read the whole history: a step sampling such a row lands before the
+                # next one launches (see `step`), so none of its tokens is still on the device.
+                assert not seq.num_pending, "a penalised sequence has a token still on the device"
+                needs_history = True
+                sampling_rows.append(SamplingRow(params, seq.generator, seq.request.prompt_token_ids, seq.output_token_ids))
+            else:
+                sampling_rows.append(SamplingRow(params, seq.generator))
+            if seq.logprobs is not None:
+                num_top = max(num_top, params.logprobs)
             seq.num_pending += 1
+        tokens = self.sampler(result.logits, sampling_rows, forked)
+        to_host = [tokens]
+        if num_top >= 0:
+            to_host += self.sampler.logprobs(result.logits, tokens, num_top, forked)
         return _StepInFlight(
-            seqs, tokens, _ToHost(to_host), {s.seq_id: i for i, s in enumerate(seqs)},
-            needs_history=any(s.request.params.has_penalties for s in seqs),
+            seqs, tokens, _ToHost(to_host), {s.seq_id: i for i, s in enumerate(seqs)}, needs_history
         )
 
     def _land(self, flight: _StepInFlight) -> list[RequestOutput]:
@@ -423,16 +433,6 @@ def _find_stop(text: str, stops: list[str], new_chars: int) -> int | None:
         if at != -1 and (best is None or at < best):
             best = at
     return best
-
-
-def _sampling_row(seq: Sequence) -> SamplingRow:
-    params = seq.request.params
-    if not params.has_penalties:
-        return SamplingRow(params, seq.generator)
-    # Penalties read the whole history: a step sampling such a row lands before the next one
-    # launches (see `step`), so no token of this sequence is still on the device.
-    assert not seq.num_pending, "a penalised sequence has a token still on the device"
-    return SamplingRow(params, seq.generator, seq.request.prompt_token_ids, seq.output_token_ids)
 
 
 class _ToHost:

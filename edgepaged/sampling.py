@@ -38,6 +38,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides (positive) or multiplies (negative) the logits
     # of tokens in the prompt or the output; 1 is off
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives
+    # Derived once: the engine asks per sequence per step.
+    has_penalties: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,14 +77,12 @@ class SamplingParams:
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be None or 0 to {MAX_LOGPROBS}, got {self.logprobs!r}",
         )
+        self.has_penalties = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
-    def has_penalties(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _check(ok: bool, message: str) -> None:
