@@ -237,7 +237,7 @@ class LLMEngine:
                     self.scheduler.add_running(child)
                     seqs.append(child)
                     rows.append(row)
-        forked = rows if len(rows) != len(result.sampled) else None
+        logits = result.logits if len(rows) == len(result.sampled) else self.sampler.select(result.logits, rows)
         sampling_rows, num_top, needs_history = [], -1, False
         for seq in seqs:
             params = seq.request.params
@@ -252,10 +252,10 @@ class LLMEngine:
             if seq.logprobs is not None:
                 num_top = max(num_top, params.logprobs)
             seq.num_pending += 1
-        tokens = self.sampler(result.logits, sampling_rows, forked)
+        tokens = self.sampler(logits, sampling_rows)
         to_host = [tokens]
         if num_top >= 0:
-            to_host += self.sampler.logprobs(result.logits, tokens, num_top, forked)
+            to_host += self.sampler.logprobs(logits, tokens, num_top)
         return _StepInFlight(
             seqs, tokens, _ToHost(to_host), {s.seq_id: i for i, s in enumerate(seqs)}, needs_history
         )

@@ -17,6 +17,8 @@ import torch
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
+MAX_PRESENCE_FREQUENCY = 2.0  # OpenAI's bound on presence and frequency penalties, either sign
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(slots=True)
@@ -66,12 +68,16 @@ class SamplingParams:
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids")
+        bound = MAX_PRESENCE_FREQUENCY
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+            _check(
+                isinstance(value, (int, float)) and -bound <= value <= bound,
+                f"{name} must be in [-{bound:g}, {bound:g}], got {value!r}",
+            )
         _check(
-            isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 10,
-            f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}",
+            isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+            f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}",
         )
         _check(
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
@@ -106,13 +112,13 @@ class Sampler:
     memory without blocking, so the engine can launch the next step before these tokens exist.
     """
 
-    def __call__(
-        self, logits: torch.Tensor, rows: list[SamplingRow], logit_rows: list[int] | None = None
-    ) -> torch.Tensor:
-        """`logit_rows[i]` is the logits row sampling row i reads (n > 1 samples share one);
-        None: row i reads row i."""
-        if logit_rows is not None:
-            logits = logits[_to_device(logit_rows, torch.int64, logits.device)]
+    @staticmethod
+    def select(logits: torch.Tensor, logit_rows: list[int]) -> torch.Tensor:
+        """One logits row per sampling row: `logit_rows[i]` is the row sampling row i reads
+        (the n > 1 samples of a prompt share one)."""
+        return logits[_to_device(logit_rows, torch.int64, logits.device)]
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         logits = logits.float()
         if any(r.params.has_penalties for r in rows):
             logits = _apply_penalties(logits, rows)
@@ -139,13 +145,11 @@ class Sampler:
 
     @staticmethod
     def logprobs(
-        logits: torch.Tensor, tokens: torch.Tensor, num_top: int, logit_rows: list[int] | None = None
+        logits: torch.Tensor, tokens: torch.Tensor, num_top: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The chosen tokens' log-probabilities [R] under the model's own distribution (the raw
         logits, before temperature and penalties, as vLLM and OpenAI report them), and the
         `num_top` likeliest tokens [R, num_top] with theirs. On the device, without waiting."""
-        if logit_rows is not None:
-            logits = logits[_to_device(logit_rows, torch.int64, logits.device)]
         logprobs = logits.float().log_softmax(dim=-1)
         chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)

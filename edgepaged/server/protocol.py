@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from edgepaged.outputs import TokenLogprob
+from edgepaged.sampling import MAX_LOGPROBS, MAX_PRESENCE_FREQUENCY, MAX_REPETITION_PENALTY
 
 # Fields of the OpenAI API this server does not implement, with the values that mean "off".
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -57,12 +58,12 @@ class _SamplingRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-MAX_PRESENCE_FREQUENCY, le=MAX_PRESENCE_FREQUENCY)
+    frequency_penalty: float = Field(default=0.0, ge=-MAX_PRESENCE_FREQUENCY, le=MAX_PRESENCE_FREQUENCY)
     # vLLM-style extensions: top_k and repetition_penalty for sampling, ignore_eos for
     # benchmarks with fixed output lengths.
     top_k: int = Field(default=-1, ge=-1)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -105,7 +106,7 @@ class CompletionRequest(_SamplingRequest):
     """
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)  # the legacy API's alternatives per token
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # the legacy API's alternatives per token
 
     @model_validator(mode="after")
     def _no_rag(self) -> CompletionRequest:
@@ -168,7 +169,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     rag: RagOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _rag_needs_a_question(self) -> ChatCompletionRequest:
