@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .profiles import DeviceProfile
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -33,3 +35,26 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+
+def config_from_profile(
+    profile: DeviceProfile, max_kv_blocks: int | None = None, backend: str | None = None, cuda_graphs: bool | None = None
+) -> EngineConfig:
+    kind = profile.device.kind
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"profile {profile.name!r} is for a CUDA GPU and none is available here; use --profile cpu")
+    if profile.kv_dtype != profile.model.dtype:
+        raise ValueError(f"profile {profile.name!r}: a KV dtype other than the model dtype is not supported yet")
+    return EngineConfig(
+        device=torch.device("cuda" if kind == "cuda" else "cpu"),
+        dtype=DTYPES[profile.model.dtype],
+        backend=backend or profile.backend,
+        block_size=profile.kv_cache.block_size,
+        num_kv_blocks=max_kv_blocks,
+        max_model_len=profile.scheduler.max_model_len,
+        max_num_seqs=profile.scheduler.max_num_seqs,
+        max_num_batched_tokens=profile.scheduler.max_num_batched_tokens,
+        enable_prefix_caching=profile.scheduler.enable_prefix_caching,
+        cuda_graphs=cuda_graphs,
+        overlap_steps=kind == "cuda" if profile.scheduler.overlap_steps is None else profile.scheduler.overlap_steps,
+    )

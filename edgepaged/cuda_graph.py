@@ -60,26 +60,9 @@ def stage(arrays: Sequence[np.ndarray], device: torch.device, out: torch.Tensor 
 
 
 @dataclass(slots=True)
-class TokenFeed:
-    """The tokens the previous step sampled, still on the device, for a step launched before
-    the host has read them: `rows` maps a sequence id to its token's index in `tokens`."""
-
-    tokens: torch.Tensor  # int64 [R]
-    rows: dict[int, int]
-
-    def for_step(self, seqs: Sequence[Any]) -> FedRows | None:
-        """Which of a step's token rows take their id from here: the one-token rows (listed
-        first, one per sequence) of sequences with a token still on the device."""
-        rows = [i for i, seq in enumerate(seqs) if seq.num_pending]
-        if not rows:
-            return None
-        src = [self.rows[seqs[i].seq_id] for i in rows]
-        return FedRows(self.tokens, np.array(rows, dtype=np.int64), np.array(src, dtype=np.int64))
-
-
-@dataclass(slots=True)
 class FedRows:
-    """One step's share of a `TokenFeed`: its arrays travel with the step's other inputs."""
+    """Token rows of a step whose ids are still on the device, sampled by the step before (see
+    overlap.py): the arrays travel with the step's other inputs."""
 
     tokens: torch.Tensor
     rows: np.ndarray  # int64: token rows of the step

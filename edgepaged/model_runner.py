@@ -19,7 +19,7 @@ import torch
 
 from .attention import AttentionBackend, AttentionBatch
 from .cache import KVCacheManager
-from .cuda_graph import DecodeGraphs, FedRows, TokenFeed, graphs_requested, stage
+from .cuda_graph import DecodeGraphs, FedRows, graphs_requested, stage
 from .models.llama import LlamaForCausalLM
 from .scheduler import ScheduledChunk, SchedulerOutput
 
@@ -207,6 +207,7 @@ class ModelRunner:
         self.graphs = None  # graphs of an earlier pool must not outlive it
         self._allocate(num_blocks)
         if self._graphs_apply():
+            self.warm_up(num_blocks)
             self.graphs = self._capture_graphs()
 
     def measure_graph_bytes(self) -> int:
@@ -280,6 +281,30 @@ class ModelRunner:
         finally:
             self.kv_cache, self.kv_caches = saved
 
+    @torch.inference_mode()
+    def warm_up(self, num_blocks: int) -> None:
+        """Compile the kernels' variants that only live traffic would otherwise reach, and then
+        in the middle of serving: eager decode with and without a split context, a prompt's
+        tail after its cached prefix, fresh prompts, and steps mixing them (on an H200 they
+        cost the first burst 1.5-2.4 s). Every slot is -1, so the pool is read, never written."""
+        bs = self.block_size
+        width = min(num_blocks, -(-self.max_model_len // bs))
+        long = width * bs - 1
+        for query_lens, computed in (
+            ([1], [long]),
+            ([1, 1, 1], [5, min(700, long), long]),
+            ([64], [0]),
+            ([17], [min(100, long - 17)]),
+            ([1, 1, 16, 40], [10, min(300, long), min(64, long - 16), 0]),
+        ):
+            query_lens, computed = np.array(query_lens), np.array(computed, dtype=np.int64)
+            tables = np.tile(np.arange(width, dtype=np.int32), (len(query_lens), 1))
+            ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
+            step = host_step(ids, computed, query_lens, tables, np.ones(len(query_lens), dtype=bool), bs)
+            step.slot_mapping[:] = -1
+            self._sample(step, self._forward_eager(step))
+        torch.cuda.synchronize(self.device)
+
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
@@ -294,20 +319,19 @@ class ModelRunner:
     def build_step(self, chunks: list[ScheduledChunk], kv: KVCacheManager, tables_changed: bool) -> HostStep:
         """The step's host inputs; `chunks` must list the one-token chunks first.
 
-        A token still on the device (see `TokenFeed`) is a placeholder 0 here; it only ever
+        A token still on the device (see overlap.py) is a placeholder 0 here; it only ever
         sits in a one-token chunk, so its row is its chunk's index.
         """
         n = len(chunks)
         seqs = [c.seq for c in chunks]
-        computed = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=n)
+        computed = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
         query_lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=n)
         total = int(query_lens.sum())
         if total == n:
-            tokens = (0 if s.num_pending else s.token_ids[s.num_computed_tokens] for s in seqs)
+            tokens = (0 if s.num_pending else s.token_ids[c.start] for s, c in zip(seqs, chunks))
         else:
             tokens = itertools.chain.from_iterable(
-                s.token_ids[s.num_computed_tokens : s.num_computed_tokens + c.num_tokens] or [0]
-                for s, c in zip(seqs, chunks)
+                c.seq.token_ids[c.start : c.start + c.num_tokens] or [0] for c in chunks
             )
         input_ids = np.fromiter(tokens, dtype=np.int64, count=total)
         tables = self._tables.gather([s.seq_id for s in seqs], kv, tables_changed)
@@ -315,13 +339,12 @@ class ModelRunner:
         return host_step(input_ids, computed, query_lens, tables, sampled, self.block_size)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager, feed: TokenFeed | None = None) -> StepResult:
-        """Launch the step; nothing here waits for the device. `feed` holds the tokens of
-        sequences whose last sample is still on the device (the engine overlapping steps)."""
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager, fed: FedRows | None = None) -> StepResult:
+        """Launch the step; nothing here waits for the device. `fed` names the rows whose
+        tokens are still on the device (steps overlapping, see overlap.py)."""
         self.copy_blocks(out.block_copies)
-        chunks = [c for c in out.chunks if c.num_tokens == 1] + [c for c in out.chunks if c.num_tokens > 1]
+        chunks = out.chunks
         step = self.build_step(chunks, kv, tables_changed=bool(out.block_copies))
-        fed = feed.for_step([c.seq for c in chunks]) if feed is not None else None
         graphs = self.graphs
         if graphs and step.max_query_len <= GRAPH_MAX_CHUNK and graphs.size_for(step.input_ids.shape[0]):
             hidden = graphs.run(

@@ -9,11 +9,17 @@ lost and the oldest requests always make progress.
 
 A waiting sequence whose next uncached full block is one a running sequence is computing right
 now waits (without holding back the queue behind it) until that block is cached: requests that
-arrive together with one new prefix compute it once, not once each.
+arrive together with one new prefix compute it once, not once each. The block is indexed when
+the step that computes it is scheduled, so the waiters are admitted by the very next step, all
+of them at once, each computing only its own tail (for an identical prompt, its last token).
 
-With overlapped steps (see engine.py) a sequence may have its newest token still on the device:
-`Sequence.num_tokens` counts it, so its next one-token chunk is planned as usual, and a sequence
-whose token in flight is its last gets nothing more.
+The scheduler is the one writer of `Sequence.num_computed_tokens`: a scheduled chunk counts as
+computed as soon as it is handed out (steps run in order on the device, so the next step may
+read what this one writes), a prefix hit counts at admission and a preemption resets it.
+
+With overlapped steps (see overlap.py) a sequence may have its newest token still on the
+device: `Sequence.num_tokens` counts it, so its next one-token chunk is planned as usual, and a
+sequence whose token in flight is its last gets nothing more.
 """
 
 from __future__ import annotations
@@ -28,17 +34,18 @@ from .sequence import Sequence, SequenceStatus
 @dataclass(slots=True)
 class ScheduledChunk:
     seq: Sequence
+    start: int  # tokens of the sequence computed before this chunk
     num_tokens: int
 
     @property
     def completes_prompt(self) -> bool:
         """True when this chunk reaches the sequence's last token, so its logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # one-token chunks first
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
@@ -60,10 +67,12 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """A forked sample joins the batch at once: its blocks are the parent's."""
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """A forked sample joins the batch at once, holding the parent's blocks and progress."""
+        child.num_computed_tokens = parent.num_computed_tokens
+        self.kv.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -92,7 +101,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break
             self.kv.allocate(seq, n)
-            out.chunks.append(ScheduledChunk(seq, n))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
             i += 1
         # After a preemption the pool is tight: admitting now would only preempt again.
@@ -110,13 +119,24 @@ class Scheduler:
                 break
             del self.waiting[w]
             self.kv.allocate(seq, n, hit)
+            seq.num_computed_tokens = hit.num_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, n))
+            out.chunks.append(ScheduledChunk(seq, hit.num_tokens, n))
             budget -= n
             computing.update(self.kv.unregistered_hashes(seq))
+        out.chunks.sort(key=lambda c: c.num_tokens > 1)  # the runner's layout: decodes first
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.kv.commit(chunk.seq)
         out.block_copies = self.kv.take_copies()
         return out
+
+    def append_token(self, seq: Sequence, token: int) -> None:
+        """A sampled token reached the host; a block it completes can now be indexed."""
+        seq.token_ids.append(token)
+        if seq.status is SequenceStatus.RUNNING:
+            self.kv.commit(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq.seq_id)

@@ -1,7 +1,10 @@
-"""Request and sequence state, shared by the scheduler and the engine.
+"""Request and sequence state: what the scheduler plans with.
 
 A request owns one sequence until its prompt is prefilled; with n > 1 it then forks into n
-sequences that share the prompt's blocks. The scheduler only ever sees sequences.
+sequences that share the prompt's blocks. The scheduler only ever sees sequences. Each field
+has one writer: the scheduler (`num_computed_tokens`, `token_ids` past the prompt, `status`,
+`finish_reason`), the step pipeline (`num_pending`, overlap.py), the output processor
+(`Request.first_token_time`); the text and log-probabilities live in output_processor.py.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer
-from .outputs import TokenLogprob
 from .sampling import SamplingParams
 
 
@@ -56,9 +57,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    detokenizer: IncrementalDetokenizer | None = None
-    visible_text_len: int = 0  # how much of the detokenized text may be shown (stop holdback)
-    logprobs: list[TokenLogprob] | None = None  # one per output token, when the request asks
     # Sampled by steps still on the device, not yet in token_ids: at most one when a step is
     # scheduled, two for the moment between launching a step and landing the one before.
     num_pending: int = 0

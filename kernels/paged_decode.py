@@ -109,7 +109,8 @@ def _split_len(context_len, num_splits, min_split_len):
     return tl.maximum(tl.cdiv(tl.cdiv(context_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN, min_split_len)
 
 
-@triton.jit
+# Per-step values (see paged_prefill.py) are not specialised on: one compile serves every step.
+@triton.jit(do_not_specialize=["split_len", "stride_bt"])
 def _paged_decode_kernel(
     out_ptr,
     q_ptr,
@@ -212,7 +213,7 @@ def _paged_decode_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_len", "num_splits"])
 def _merge_splits_kernel(
     out_ptr,
     partial_out_ptr,

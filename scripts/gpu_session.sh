@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # What issues 3 to 7 need from one GPU, one stage per call of at most ~9.5 minutes, results in $OUT.
 #
-#   OUT=/path/that/comes/back bash scripts/gpu_session.sh [kernels|serving|recheck|overlap|llama1b|rag]
+#   OUT=/path/that/comes/back bash scripts/gpu_session.sh [tests|steploop|kernels|serving|recheck|overlap|llama1b|rag]
+#
+# The stage "tests" is the run every change to kernels/, cuda_graph.py, model_runner.py,
+# overlap.py, engine.py or scheduler.py goes through before it is called done: every test
+# marked gpu, the overlap tests (on CUDA as well as the CPU) and every kernel test, with the
+# tokenizer from .carry/smollm2-tokenizer (no test needs the default model); session.log ends
+# with pytest's summary line, which must say 0 failed and no errors. The stage "steploop" runs
+# the same tests while llama.cpp builds in the background (from .peers/, see shared/peers), then
+# scripts/bench_step_loop.py with llama-batched-bench beside it:
+#   device call: OUT=$OUT bash scripts/gpu_session.sh steploop     with carry [".whl", ".carry", ".peers"]
 #
 # The stage "kernels" (default) is issue 4's run, below. The stage "serving" runs what issues 3, 5
 # and 6 need from a GPU: the probe's GPU test, the TensorRT-style AOT kernel launch check, the
@@ -60,7 +69,7 @@ finish() {
         [ -e "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; } >>"$OUT/steps.log"
     done
     find docs/benchmarks -newer "$STAMP" \( -name 'gpu-*' -o -name 'kernels-*' -o -name 'memory-*' -o -name 'serve-*' \
-        -o -name 'tensorrt-*' -o -name 'rag-*' \) -exec cp {} "$OUT"/ \;
+        -o -name 'tensorrt-*' -o -name 'rag-*' -o -name 'steploop-*' \) -exec cp {} "$OUT"/ \;
     say "== done after $((SECONDS - START)) s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
 trap finish EXIT
@@ -112,6 +121,21 @@ if ! "$PY" -c "import edgepaged.engine, edgepaged.kernels" 2>/dev/null; then
 fi
 
 CARD=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+if [ "$STAGE" = tests ] || [ "$STAGE" = steploop ]; then
+    if [ "$STAGE" = steploop ] && [ -f .peers/build_llamacpp.sh ]; then
+        bash .peers/build_llamacpp.sh | tee -a "$SUMMARY"  # detaches: builds while the tests run
+    fi
+    GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
+    run 90-gpu-tests 420 "$PY" -m pytest -q -p no:cacheprovider -rfE -n 4 $GPU_TESTS tests/test_overlap.py tests/test_kernels.py
+    tail -n 15 "$LOGS/90-gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|error" | sed 's/^/   /' | tee -a "$SUMMARY"
+    cp "$LOGS/90-gpu-tests.log" "$OUT/gpu-tests.log"
+    [ "$STAGE" = tests ] && exit 0
+    run 91-bench-steploop 600 "$PY" scripts/bench_step_loop.py --models-dir "$MODELS" \
+        --llama-cpp /tmp/llamacpp/llama.cpp/build/bin --llama-cpp-wait-s 150 ${STEPLOOP_ARGS:-}
+    say "== llama.cpp: $(grep BUILD_RC /tmp/llamacpp/build.log 2>/dev/null || echo 'not built')"
+    grep -E "^  (pps|rag|batch1|host)|^\[|wrote|Error" "$LOGS/91-bench-steploop.log" | tail -60 | tee -a "$SUMMARY"
+    exit 0
+fi
 if [ "$STAGE" = recheck ]; then  # after fused kernels and graph memory in the plan
     RAND=/tmp/edgepaged-smollm2-random
     run 50-test-fused-graphs 200 "$PY" -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_fused_kernels.py \

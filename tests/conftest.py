@@ -23,10 +23,19 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+def tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer and chat template: from .carry/smollm2-tokenizer where a device call
+    carried them (the GPU machine has no default model, see scripts/gpu_session.sh), else from
+    the default model."""
+    carried = Path(__file__).resolve().parent.parent / ".carry" / "smollm2-tokenizer"
+    return carried if (carried / "tokenizer.json").is_file() else resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer and chat template (fast on 2 cores)."""
     return write_random_model(
-        tmp_path_factory.mktemp("tiny-llama"), "tiny-llama", vocab_size=49152, tokenizer_from=default_model_dir
+        tmp_path_factory.mktemp("tiny-llama"), "tiny-llama", vocab_size=49152, tokenizer_from=tokenizer_dir
     )
 
 

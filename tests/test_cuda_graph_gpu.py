@@ -21,7 +21,8 @@ pytestmark = [
 
 if torch.cuda.is_available():
     from edgepaged import SamplingParams
-    from edgepaged.cuda_graph import GRAPHS_ENV
+    from edgepaged.cuda_graph import GRAPHS_ENV, graph_batch_sizes
+    from edgepaged.model_runner import GRAPH_MAX_CHUNK
     from edgepaged.engine import LLMEngine
     from edgepaged.kernels.reference import TOLERANCE
     from edgepaged.models.random_init import write_random_model
@@ -81,7 +82,8 @@ def test_graphs_on_and_off_give_the_same_greedy_tokens(model_dir, tmp_path, monk
 
     engine = _engine(model_dir, tmp_path, "float32", graphs=True, monkeypatch=monkeypatch)
     graphs = engine.runner.graphs
-    assert graphs is not None and graphs.sizes == [1, 2, 4, 8]
+    # max_num_seqs 8, widened to hold one GRAPH_MAX_CHUNK-token chunk of a cached prefix's tail.
+    assert graphs is not None and graphs.sizes == graph_batch_sizes(max(8, GRAPH_MAX_CHUNK)) == [1, 2, 4, 8, 16]
     assert graphs.memory_bytes > 0
     got = _generate(engine, prompts)
     assert got == expected

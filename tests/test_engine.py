@@ -155,7 +155,7 @@ def test_requests_that_cannot_be_served_are_refused(tiny_model_dir, prompt, para
         (dict(temperature=-0.1), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
-        (dict(top_k=0), "top_k"),
+        (dict(top_k=-2), "top_k"),
         (dict(n=0), "n must"),
     ],
 )

@@ -45,8 +45,13 @@ class KVMachine(RuleBasedStateMachine):
         seq = FakeSeq(self.next_id, list(tokens))
         self.next_id += 1
         hit = self.kv.find_prefix(seq)
-        # A hit only ever covers identical full blocks, never the last token.
-        assert hit.num_tokens % BS == 0 and hit.num_tokens < len(tokens)
+        # A hit only ever covers identical full blocks, and never counts the last token as
+        # computed: a prompt cached to its end recomputes that token into its last block.
+        cached = len(hit.blocks) * BS
+        assert hit.num_tokens < len(tokens)
+        assert hit.num_tokens == (cached - 1 if hit.writes_last_block else cached)
+        assert hit.writes_last_block == (cached == len(tokens))
+        shared_last = hit.writes_last_block and hit.blocks[-1].ref_count > 0
         for i, block in enumerate(hit.blocks):
             parent = None
             for j in range(i + 1):
@@ -56,7 +61,9 @@ class KVMachine(RuleBasedStateMachine):
         if not self.kv.can_allocate(seq, n, hit):
             return
         self.kv.allocate(seq, n, hit)
-        assert seq.num_computed_tokens == hit.num_tokens
+        if shared_last:  # another sequence reads that block: the write goes into a copy
+            src, dst = self.kv.pending_copies[-1]
+            assert src == hit.blocks[-1].block_id and self.kv.block_ids(seq.seq_id)[-1] == dst != src
         seq.num_computed_tokens = len(tokens)
         self.kv.commit(seq)
         self.seqs[seq.seq_id] = seq

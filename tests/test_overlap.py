@@ -112,7 +112,7 @@ def test_abort_while_a_step_is_in_flight(tiny_model_dir):
     engine.add_request("b", list(range(50, 70)), params)
     for _ in range(4):
         engine.step()
-    assert engine._in_flight is not None
+    assert engine.pipeline.in_flight is not None
     out = engine.abort_request("a")
     assert out.finished and out.outputs[0].finish_reason == "abort"
     landed = [o for o in engine.step() if o.request_id == "a"]

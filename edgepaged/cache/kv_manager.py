@@ -2,8 +2,12 @@
 
 A table is append-only: new tokens land in the last block or in fresh blocks, so the blocks of
 a prefix never move and can be shared. The two ways a table gains shared blocks are a prefix
-cache hit at admission and a `fork` for n>1 sampling; a write into a shared, partly filled
-block copies it first (copy-on-write) and reports the copy for the model runner to perform.
+cache hit at admission and a `fork` for n>1 sampling; a write into a shared block copies it
+first (copy-on-write) and reports the copy for the model runner to perform.
+
+The manager reads `num_computed_tokens` and never writes it: the scheduler alone advances it.
+A prompt cached to its last block is admitted with that block too, and recomputes only its last
+token (whose logits are sampled): into a copy of the block when another sequence holds it.
 """
 
 from __future__ import annotations
@@ -11,21 +15,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from .block_pool import Block, BlockHash, BlockPool, hash_block_tokens
+from .block_pool import Block, BlockHash, BlockPool, hash_block_chain
 
 
 class SequenceView(Protocol):
-    seq_id: int
-    token_ids: list[int]
-    num_computed_tokens: int
+    @property
+    def seq_id(self) -> int: ...
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def num_computed_tokens(self) -> int: ...
 
 
 @dataclass(slots=True)
 class PrefixHit:
-    """Blocks a waiting sequence may reuse, found before it is admitted (not yet referenced)."""
+    """Blocks a waiting sequence may reuse, found before it is admitted (not yet referenced).
+
+    `num_tokens` is what the sequence need not compute: every hit token but, for a prompt cached
+    to its end, the last one, whose logits are still to be sampled.
+    """
 
     blocks: list[Block]
     num_tokens: int
+    writes_last_block: bool = False  # the last token is recomputed into the last hit block
 
 
 @dataclass(slots=True)
@@ -61,31 +73,29 @@ class KVCacheManager:
         """The chained hashes of the sequence's first full blocks, extended incrementally."""
         hashes = self._hashes.setdefault(seq.seq_id, [])
         if len(hashes) < num_full_blocks:
-            hashes.extend(self._chain(seq.token_ids, len(hashes), num_full_blocks, hashes[-1] if hashes else None))
+            parent = hashes[-1] if hashes else None
+            hashes.extend(hash_block_chain(parent, seq.token_ids, self.block_size, len(hashes), num_full_blocks))
         return hashes[:num_full_blocks]
-
-    def _chain(self, token_ids: Sequence[int], start: int, stop: int, parent: BlockHash | None):
-        """Hashes of full blocks `start` up to `stop` of `token_ids`, chained from `parent`."""
-        bs = self.block_size
-        for i in range(start, stop):
-            parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
-            yield parent
 
     def find_prefix(self, seq: SequenceView) -> PrefixHit:
         """The longest run of cached full blocks matching the sequence's start.
 
         At least the last token is always left to compute: its logits are what we sample from.
+        A prompt cached to its end still takes every block (see `PrefixHit.num_tokens`), so
+        identical prompts arriving together compute one token each once the first has run.
         """
         if not self.pool.enable_caching:
             return PrefixHit([], 0)
-        max_blocks = (len(seq.token_ids) - 1) // self.block_size
         hits: list[Block] = []
-        for block_hash in self._block_hashes(seq, max_blocks):
+        for block_hash in self._block_hashes(seq, len(seq.token_ids) // self.block_size):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
             hits.append(block)
-        return PrefixHit(hits, len(hits) * self.block_size)
+        cached = len(hits) * self.block_size
+        if cached < len(seq.token_ids):
+            return PrefixHit(hits, cached)
+        return PrefixHit(hits, cached - 1, writes_last_block=True)
 
     def unregistered_hashes(self, seq: SequenceView) -> list[BlockHash]:
         """Hashes of the sequence's full blocks not yet offered to the prefix index: blocks it
@@ -106,7 +116,7 @@ class KVCacheManager:
         return self._block_hashes(seq, index + 1)[index]
 
     def _cow_needed(self, table: _Table, num_computed: int) -> bool:
-        """Whether the next write lands in a partly filled block that others also reference."""
+        """Whether the next write lands in a block that others also reference."""
         idx = num_computed // self.block_size
         return idx < len(table.blocks) and table.blocks[idx].ref_count > 1
 
@@ -130,16 +140,24 @@ class KVCacheManager:
         have = len(table.blocks) + len(hit.blocks)
         computed = max(seq.num_computed_tokens, hit.num_tokens)
         need = self.blocks_needed(computed + num_new_tokens) - have
-        need += int(self._cow_needed(table, computed))
+        if hit.writes_last_block:
+            need += hit.blocks[-1].ref_count > 0  # held by another sequence: written into a copy
+        else:
+            need += self._cow_needed(table, computed)
         revived = sum(1 for b in hit.blocks if b.ref_count == 0)  # leave the free list when reused
         return need + revived <= self.pool.num_free
 
     # -- changes -----------------------------------------------------------------------------
     def allocate(self, seq: SequenceView, num_new_tokens: int, hit: PrefixHit | None = None) -> None:
-        """Grow the sequence's table to hold `num_new_tokens` more tokens (after `can_allocate`)."""
+        """Grow the sequence's table to hold `num_new_tokens` more tokens (after `can_allocate`).
+
+        With a prefix hit the sequence starts with the hit's blocks; the caller then counts
+        `hit.num_tokens` as computed.
+        """
         if self._fits_in_place(seq, num_new_tokens, hit):
             return
         table = self.tables.setdefault(seq.seq_id, _Table())
+        computed = seq.num_computed_tokens
         if hit is not None and hit.blocks:
             assert not table.blocks, "a prefix hit only applies to a sequence without blocks"
             for block in hit.blocks:
@@ -147,18 +165,18 @@ class KVCacheManager:
             table.blocks.extend(hit.blocks)
             table.block_ids.extend(b.block_id for b in hit.blocks)
             table.num_registered = len(hit.blocks)
-            seq.num_computed_tokens = hit.num_tokens
+            computed = hit.num_tokens
         if hit is not None and self.pool.enable_caching:
             self.prefix_query_tokens += len(seq.token_ids)
             self.prefix_hit_tokens += hit.num_tokens
-        if self._cow_needed(table, seq.num_computed_tokens):
-            idx = seq.num_computed_tokens // self.block_size
+        if self._cow_needed(table, computed):
+            idx = computed // self.block_size
             src = table.blocks[idx]
             (dst,) = self.pool.allocate(1)
             self.pool.release([src])
             table.blocks[idx], table.block_ids[idx] = dst, dst.block_id
             self.pending_copies.append((src.block_id, dst.block_id))
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(table.blocks)
+        need = self.blocks_needed(computed + num_new_tokens) - len(table.blocks)
         if need > 0:
             new = self.pool.allocate(need)
             table.blocks.extend(new)
@@ -208,7 +226,7 @@ class KVCacheManager:
         them, on behalf of `owner`: owners (one per RAG collection, say) unpin only their own."""
         held = self.pins.setdefault(owner, [])
         pinned = 0
-        for block_hash in self._chain(token_ids, 0, len(token_ids) // self.block_size, None):
+        for block_hash in hash_block_chain(None, token_ids, self.block_size, 0, len(token_ids) // self.block_size):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break

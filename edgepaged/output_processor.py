@@ -1,0 +1,120 @@
+"""From sampled tokens to what callers see: text, log-probabilities, stops, finished outputs.
+
+The last of the step's three calls (schedule → execute → update from the output) hands each
+landed token here after the scheduler has appended it. Per sequence this keeps the incremental
+detokenizer, how much of its text may be shown (a possible stop string is held back until it
+is ruled out) and the log-probabilities, so `Sequence` stays the scheduler's view of a sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .detokenizer import IncrementalDetokenizer
+from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .sequence import Request, Sequence
+
+
+@dataclass(slots=True)
+class SampledLogprobs:
+    """One token's log-probability and its step's likeliest alternatives, as read off the device."""
+
+    chosen: float
+    top_ids: list[int]
+    top: list[float]
+
+
+@dataclass(slots=True)
+class _SeqOutput:
+    detokenizer: IncrementalDetokenizer | None
+    logprobs: list[TokenLogprob] | None
+    visible_text_len: int = 0  # how much of the detokenized text may be shown (stop holdback)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._seqs: dict[int, _SeqOutput] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def add_sequence(self, seq: Sequence) -> None:
+        request = seq.request
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
+        self._seqs[seq.seq_id] = _SeqOutput(detok, [] if request.params.logprobs is not None else None)
+
+    def process_token(self, seq: Sequence, token: int, logprobs: SampledLogprobs | None, now: float) -> str | None:
+        """Account for a token the scheduler has just appended; return why the sequence stops
+        ("stop" or "length"), or None while it goes on."""
+        request = seq.request
+        if request.first_token_time is None:
+            request.first_token_time = now
+            self.prompt_tokens_total += len(request.prompt_token_ids)
+        self.generation_tokens_total += 1
+        state = self._seqs[seq.seq_id]
+        params = request.params
+        if state.logprobs is not None and logprobs is not None:
+            state.logprobs.append(self._token_logprob(token, params.logprobs, logprobs))
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
+            reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= request.max_total_tokens:
+            reason = "length"
+        det = state.detokenizer
+        if det is not None:
+            det.add(token)
+            if reason is not None:
+                det.flush()
+            stop_at = _find_stop(det.text, params.stop, len(det.text) - state.visible_text_len)
+            if stop_at is not None:
+                det.text = det.text[:stop_at]
+                reason = "stop"
+            holdback = 0 if reason else max((len(s) for s in params.stop), default=1) - 1
+            state.visible_text_len = max(state.visible_text_len, len(det.text) - holdback)
+        return reason
+
+    def output(self, request: Request) -> RequestOutput:
+        outs = []
+        for s in request.sequences:
+            state = self._seqs[s.seq_id]
+            det = state.detokenizer
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=det.text[: state.visible_text_len] if det else "",
+                    token_ids=s.output_token_ids,
+                    finish_reason=s.finish_reason,
+                    logprobs=list(state.logprobs) if state.logprobs is not None else None,
+                )
+            )
+        metrics = {"arrival_time": request.arrival_time}
+        if request.first_token_time is not None:
+            metrics["first_token_time"] = request.first_token_time
+        return RequestOutput(request.request_id, request.prompt_token_ids, outs, request.finished, metrics)
+
+    def release(self, request: Request) -> None:
+        """A finished request's final output has been made: forget its sequences."""
+        for s in request.sequences:
+            self._seqs.pop(s.seq_id, None)
+
+    def _token_logprob(self, token: int, num_top: int, lp: SampledLogprobs) -> TokenLogprob:
+        alternatives = [(t, self._token_text(t), v) for t, v in zip(lp.top_ids[:num_top], lp.top[:num_top])]
+        return TokenLogprob(token, self._token_text(token), lp.chosen, alternatives)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+
+
+def _find_stop(text: str, stops: list[str], new_chars: int) -> int | None:
+    """Where the earliest stop string starts, looking only where new text could complete one."""
+    if not stops:
+        return None
+    best = None
+    for stop in stops:
+        start = max(0, len(text) - new_chars - len(stop) + 1)
+        at = text.find(stop, start)
+        if at != -1 and (best is None or at < best):
+            best = at
+    return best
