@@ -1,7 +1,7 @@
 """edgepaged: an LLM inference runtime for edge boxes with a paged KV cache.
 
-`LLM` is loaded on first use (PEP 562), so importing a light module (`edgepaged.sampling`,
-`edgepaged.profiles`) does not import the engine, the model and torch's CUDA stack with it.
+`LLM` and `SamplingParams` are loaded on first use (PEP 562), so importing a light module
+(`edgepaged.profiles`, the CLI for `--help`) does not import torch, the engine and the model.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from .errors import EdgepagedError, ModelLoadError, RequestError
 from .outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
-from .sampling import SamplingParams
 
 if TYPE_CHECKING:
     from .llm import LLM
+    from .sampling import SamplingParams
 
 __all__ = [
     "LLM",
@@ -34,4 +34,8 @@ def __getattr__(name: str):
         from .llm import LLM
 
         return LLM
+    if name == "SamplingParams":
+        from .sampling import SamplingParams
+
+        return SamplingParams
     raise AttributeError(f"module 'edgepaged' has no attribute {name!r}")

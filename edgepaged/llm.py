@@ -1,13 +1,49 @@
-"""The offline front: `LLM(...).generate(prompts, params)`, shaped like vLLM's."""
+"""The offline front: `LLM(...).generate(prompts, params)`, shaped like vLLM's, and the engine
+of a one-shot command, sized to the job it runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from pathlib import Path
 from typing import Sequence
 
-from .engine import LLMEngine
+from .engine import LLMEngine, _display_name, config_from_profile
+from .models.loader import resolve_model
 from .outputs import EngineStats, RequestOutput
+from .profiles import DeviceProfile, load_profile
 from .sampling import SamplingParams
+
+
+def engine_for_job(
+    model: str | Path | None,
+    profile: str | Path | DeviceProfile,
+    *,
+    max_request_tokens: int,
+    max_num_seqs: int = 1,
+    backend: str | None = None,
+) -> LLMEngine:
+    """An engine for `max_num_seqs` requests of at most `max_request_tokens` each (prompt plus
+    answer), with a KV pool of exactly that many blocks.
+
+    A server sizes its pool from the whole budget because it cannot know its traffic; a command
+    that knows its requests (`generate`, `rag ask`) would otherwise zero gigabytes of KV cache it
+    never touches: 3.7 GB of resident memory for the 135M model under the cpu profile, against
+    a few MB for one answer. The context, the batch and the profile run shrink with the pool,
+    and the plan still checks the job against the profile's budget.
+    """
+    prof = load_profile(profile)
+    folder = resolve_model(model)
+    config = config_from_profile(prof, backend=backend)
+    tokens = min(max_request_tokens, config.max_model_len)
+    config = dataclasses.replace(
+        config,
+        max_model_len=tokens,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=min(config.max_num_batched_tokens, max_num_seqs * tokens),
+        num_kv_blocks=max_num_seqs * -(-tokens // config.block_size),
+    )
+    return LLMEngine(folder, config, prof, model_name=_display_name(model, folder))
 
 
 class LLM:

@@ -1,22 +1,30 @@
 """Measure a loaded model on its device and size the KV pool from the profile's budget.
 
 The profile run and the trial graph capture happen here, before the pool exists, so the plan
-leaves room for everything the engine will hold besides the pool.
+leaves room for everything the engine will hold besides the pool. What they measure (the
+activation peak and the runtime overhead) depends only on the model's shape, the profile, the
+engine's limits and the software, so it is kept on disk under that key
+(`memory.plan_cache`): a second start skips the profile run, which on a small box is seconds.
+The device's free memory is probed afresh every time.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import psutil
 import torch
 
 from .config import EngineConfig
+from .memory.plan_cache import MeasuredParts, PlanCache, PlanKey
 from .memory.planner import MemoryPlan, plan_memory
 from .memory.probe import probe_device
 from .model_runner import ModelRunner
 from .models.config import ModelConfig
 from .profiles import DeviceProfile
+
+log = logging.getLogger(__name__)
 
 
 def measure_activation_and_overhead(runner: ModelRunner, config: EngineConfig, max_model_len: int, weights_bytes: int) -> tuple[int, int]:
@@ -84,16 +92,31 @@ def plan_for(
     max_model_len: int,
     cap_blocks: int | None,
 ) -> MemoryPlan:
-    """The memory plan for a loaded model: measure, probe the device, then size the pool."""
-    activation, overhead = measure_activation_and_overhead(runner, config, max_model_len, weights_bytes)
+    """The memory plan for a loaded model: measure (or read what an earlier start measured),
+    probe the device, then size the pool. The plan is logged at INFO, the memory table of
+    `edgepaged serve`'s start-up report."""
+    cache = PlanCache()
+    key = PlanKey.of(config, model_config, profile, weights_bytes=weights_bytes, max_model_len=max_model_len)
+    parts = cache.get(key)
+    origin = f"measured at an earlier start ({cache.path(key)})"
+    if parts is None:
+        parts = MeasuredParts(*measure_activation_and_overhead(runner, config, max_model_len, weights_bytes))
+        cache.put(key, parts)
+        origin = "measured now by a profile run"
     dtype_bytes = torch.empty(0, dtype=config.dtype).element_size()
-    return plan_memory(
+    plan = plan_memory(
         profile,
         probe_device(profile, config.device),
         weights_bytes=weights_bytes,
-        activation_bytes=activation,
-        overhead_bytes=overhead,
+        activation_bytes=parts.activation_bytes,
+        overhead_bytes=parts.overhead_bytes,
         kv_bytes_per_token=model_config.kv_bytes_per_token(dtype_bytes),
         max_kv_blocks=cap_blocks,
         max_model_len=max_model_len,
     )
+    log.info(
+        "memory plan: %s %s, %s backend on %s; activations and overhead %s\n%s",
+        model_config.architecture, str(config.dtype).removeprefix("torch."), config.backend,
+        config.device, origin, plan.format_table(),
+    )
+    return plan

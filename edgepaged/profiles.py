@@ -10,19 +10,34 @@ Memory figures are GiB (2**30 bytes, as vendors size memory); bandwidth is GB/s 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import EdgepagedError
+
 GIB = 1 << 30
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+def _shipped_dir() -> Path:
+    """Where the shipped YAML files are: the `edgepaged.profiles_data` package (profiles/ in the
+    repository, package data in a wheel). A checkout used without installing it (PYTHONPATH=.)
+    has no such package, only the repository's profiles/ beside edgepaged/."""
+    spec = importlib.util.find_spec("edgepaged.profiles_data")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "profiles"
+
+
+PROFILES_DIR = _shipped_dir()
 
 _MAX_EXTENDS_DEPTH = 8
 
 
-class ProfileError(ValueError):
+class ProfileError(EdgepagedError, ValueError):
     """A profile that cannot be used; the message names the file, the key and what is expected."""
 
 
@@ -78,9 +93,11 @@ class SchedulerSpec(_Spec):
     enable_prefix_caching: bool = True
     max_waiting_requests: int = Field(gt=0)  # the server refuses requests past these two
     max_waiting_tokens: int = Field(gt=0)
-    # Launch each step before reading the previous one's tokens (engine.py): off until it has
-    # been timed on a GPU; on a CPU it only delays every token by a step.
-    overlap_steps: bool = False
+    # Launch each step before reading the previous one's tokens (overlap.py). Unset: on for a
+    # CUDA device, where the host's work then hides behind the GPU's (timed on the H200 in
+    # docs/benchmarks/steploop-h200-2026-12-02.md), off on a CPU, where it only delays every
+    # token by a step.
+    overlap_steps: bool | None = None
 
 
 class DeviceProfile(_Spec):

@@ -11,14 +11,19 @@ choice alike; those rows carry their token history, which must therefore be on t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 MAX_PRESENCE_FREQUENCY = 2.0  # OpenAI's bound on presence and frequency penalties, either sign
 MAX_REPETITION_PENALTY = 10.0
+# The sampler packs each row's top_k into an int64 tensor; past the vocabulary a top_k is simply
+# "off", so any bound between them would do. The server also refuses top_k above the vocabulary.
+MAX_TOP_K = 2**31 - 1
+# What torch.Generator.manual_seed accepts: int64 and uint64 alike.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass(slots=True)
@@ -44,43 +49,45 @@ class SamplingParams:
     has_penalties: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        """Refuse any value the sampler cannot represent, so a bad field fails its own request
+        here instead of failing the batched step (and every request in it) later."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or [])]
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
         _check(
-            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            _is_int(self.max_tokens) and self.max_tokens >= 1,
             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
         )
         _check(
-            isinstance(self.temperature, (int, float)) and self.temperature >= 0,
-            f"temperature must be >= 0, got {self.temperature!r}",
+            _is_real(self.temperature) and self.temperature >= 0,
+            f"temperature must be a finite number >= 0, got {self.temperature!r}",
+        )
+        _check(_is_real(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(
+            _is_int(self.top_k) and -1 <= self.top_k <= MAX_TOP_K,
+            f"top_k must be -1 or 0 (off) or 1 to {MAX_TOP_K}, got {self.top_k!r}",
         )
         _check(
-            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
-            f"top_p must be in (0, 1], got {self.top_p!r}",
+            self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+            f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}",
         )
-        _check(
-            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
-            f"top_k must be -1 (off) or >= 1, got {self.top_k!r}",
-        )
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids")
         bound = MAX_PRESENCE_FREQUENCY
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(
-                isinstance(value, (int, float)) and -bound <= value <= bound,
+                _is_real(value) and -bound <= value <= bound,
                 f"{name} must be in [-{bound:g}, {bound:g}], got {value!r}",
             )
         _check(
-            isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+            _is_real(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
             f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}",
         )
         _check(
-            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be None or 0 to {MAX_LOGPROBS}, got {self.logprobs!r}",
         )
         self.has_penalties = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
@@ -94,6 +101,16 @@ class SamplingParams:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A finite int or float: NaN slips through every range comparison, and inf through most."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(slots=True)

@@ -1,9 +1,11 @@
-"""Load-test `edgepaged serve`: TTFT, inter-token latency and throughput at rising concurrency.
+"""Load-test `edgepaged serve` against the engine alone: TTFT, inter-token latency, throughput.
 
-Starts its own server (--model/--profile/--backend) or targets a running one (--url), then for
-each concurrency level keeps that many streaming completions in flight until the level's
-request count or time limit is reached. Every request has a distinct prompt (no free prefix
-hits) and a fixed output length (ignore_eos), so levels compare like with like.
+First the engine is driven in this process (no HTTP) at each concurrency level, then the same
+requests go through a server this script starts (--model/--profile/--backend) or a running one
+(--url), which then takes a burst of --burst requests at once to time its 429s. At each level
+that many requests are kept in flight until the level's request count or time limit is
+reached. Every request has a distinct prompt (no free prefix hits) and a fixed output length
+(ignore_eos), so levels and the two sides compare like with like.
 
 Writes docs/benchmarks/serve-<card>-<date>.md and .json with the command line that made them.
 
@@ -21,16 +23,17 @@ import json
 import os
 import platform
 import re
+import selectors
 import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 
 import httpx
 
@@ -51,6 +54,7 @@ class RequestResult:
 
 @dataclass(slots=True)
 class LevelResult:
+    side: str  # "engine" (in this process, no HTTP) or "server"
     concurrency: int
     requests: int
     ok: int
@@ -75,6 +79,10 @@ def percentile(values: list[float], q: float) -> float | None:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def make_prompt(i: int, words: int) -> str:
@@ -142,13 +150,62 @@ async def run_level(
 
     async with httpx.AsyncClient(base_url=url, timeout=time_limit + 60, limits=limits) as http:
         await asyncio.wait_for(asyncio.gather(*(worker(http) for _ in range(concurrency))), time_limit + 120)
-    wall = time.perf_counter() - start
+    return summarise("server", concurrency, results, time.perf_counter() - start)
+
+
+def run_engine_level(
+    engine, concurrency: int, requests: int, prompt_words: int, max_tokens: int, time_limit: float, first_id: int
+) -> LevelResult:
+    """The same workload on the engine alone: `concurrency` requests in flight, gaps timed
+    where the engine returns each request's new token."""
+    from edgepaged.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    pending = iter(range(first_id, first_id + requests))
+    live: dict[str, tuple[RequestResult, float]] = {}  # request id -> (result, time of its last token)
+    results: list[RequestResult] = []
+    start = time.perf_counter()
+
+    def add() -> None:
+        i = next(pending, None)
+        if i is None or time.perf_counter() - start > time_limit:
+            return
+        rid = f"bench-{i}"
+        engine.add_request(rid, make_prompt(i, prompt_words), params)
+        live[rid] = (RequestResult(ok=False, status=200), time.perf_counter())
+
+    for _ in range(concurrency):
+        add()
+    while live:
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            result, last = live[out.request_id]
+            tokens = len(out.outputs[0].token_ids)
+            new = tokens - result.completion_tokens
+            if new > 0 and result.ttft is None:
+                result.ttft, new = now - last, new - 1
+            result.gaps += [(now - last) / new] * new if new > 0 else []
+            result.completion_tokens = tokens
+            live[out.request_id] = (result, now)
+            if out.finished:
+                result.prompt_tokens = len(out.prompt_token_ids)
+                result.e2e = sum(result.gaps) + (result.ttft or 0.0)
+                result.ok = tokens == max_tokens
+                results.append(result)
+                del live[out.request_id]
+                add()
+    return summarise("engine", concurrency, results, time.perf_counter() - start)
+
+
+def summarise(side: str, concurrency: int, results: list[RequestResult], wall: float) -> LevelResult:
     ok = [r for r in results if r.ok]
-    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    ms = _ms
     ttft = [r.ttft for r in ok if r.ttft is not None]
     gaps = [g for r in ok for g in r.gaps]
     e2e = [r.e2e for r in ok if r.e2e is not None]
     return LevelResult(
+        side=side,
         concurrency=concurrency,
         requests=len(results),
         ok=len(ok),
@@ -228,29 +285,105 @@ def card_name(args: argparse.Namespace) -> str:
     return f"cpu-{platform.machine()}"
 
 
-def markdown(meta: dict, levels: list[LevelResult]) -> str:
+def burst(url: str, body: dict, count: int) -> list[tuple[int, float, bytes]]:
+    """`count` requests sent at once over raw sockets: (status, seconds to the status line,
+    response head). Raw sockets keep the client's own overhead out of the latency measured."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode() + payload
+    conns = [socket.create_connection((host, int(port)), timeout=600) for _ in range(count)]
+    sent = []
+    for conn in conns:
+        sent.append(time.perf_counter())
+        conn.sendall(request)
+    results: list[tuple[int, float, bytes]] = [(0, 0.0, b"")] * count
+    with selectors.DefaultSelector() as sel:
+        for i, conn in enumerate(conns):
+            sel.register(conn, selectors.EVENT_READ, i)
+        while sel.get_map():
+            for key, _ in sel.select(timeout=600):
+                i = key.data
+                head = key.fileobj.recv(65536)
+                results[i] = (int(head.split(b" ", 2)[1]), time.perf_counter() - sent[i], head)
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+    return results
+
+
+def burst_summary(url: str, model: str, count: int, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": make_prompt(10**6, 16), "max_tokens": max_tokens, "ignore_eos": True}
+    results = burst(url, body, count)
+    refused = [t for status, t, _ in results if status == 429]
+    ms = _ms
+    return {
+        "sent": count,
+        "accepted": sum(status == 200 for status, _, _ in results),
+        "refused_429": len(refused),
+        "p50_429_ms": ms(percentile(refused, 0.5)),
+        "p99_429_ms": ms(percentile(refused, 0.99)),
+        "max_429_ms": ms(max(refused, default=None)),
+    }
+
+
+def markdown(meta: dict, levels: list[LevelResult], refusals: dict) -> str:
     lines = [
         f"# edgepaged serve benchmark: {meta['card']}, {meta['date']}",
         "",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}` on `{meta['host']}` ({meta['cpus']} CPUs).",
         "",
-        f"Model `{meta['model']}`, profile `{meta['profile']}`, backend `{meta['backend']}`; "
-        f"{meta['prompt_words']}-word distinct prompts, {meta['max_tokens']} output tokens each (ignore_eos, greedy), "
-        "streamed over loopback HTTP. ITL is the gap between streamed chunks (one token each unless the client lagged).",
+        (
+            f"Model `{meta['model']}`, profile `{meta['profile']}`, backend `{meta['backend']}`; "
+            f"{meta['prompt_words']}-word distinct prompts, {meta['max_tokens']} output tokens each "
+            "(ignore_eos, greedy). `engine` drives the engine in-process, `server` streams the same requests "
+            "over loopback HTTP. ITL is the gap between streamed chunks (one token each unless the client lagged)."
+        ),
         "",
-        "| clients | ok / sent | 429 | failed | prompt tok | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 s | e2e p99 s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| side | clients | ok / sent | 429 | failed | prompt tok | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms "
+            "| ITL p50 ms | ITL p99 ms | e2e p50 s | e2e p99 s |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in levels:
         lines.append(
-            f"| {r.concurrency} | {r.ok} / {r.requests} | {r.rejected} | {r.failed} | {r.mean_prompt_tokens} | "
+            f"| {r.side} | {r.concurrency} | {r.ok} / {r.requests} | {r.rejected} | {r.failed} | {r.mean_prompt_tokens} | "
             f"{r.output_tokens_per_s} | {r.requests_per_s} | {r.ttft_p50_ms} | {r.ttft_p99_ms} | {r.itl_p50_ms} | "
             f"{r.itl_p99_ms} | {r.e2e_p50_s} | {r.e2e_p99_s} |"
         )
+    lines += [
+        "",
+        (
+            f"Burst: {refusals['sent']} requests at once over raw sockets: {refusals['accepted']} accepted, "
+            f"{refusals['refused_429']} refused with 429 in {refusals['p50_429_ms']} ms (p50), "
+            f"{refusals['p99_429_ms']} ms (p99), {refusals['max_429_ms']} ms at most."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
-def bench(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResult]]:
+def engine_levels(args: argparse.Namespace) -> list[LevelResult]:
+    """Every level on the engine alone, built as the server builds it and freed before the server starts."""
+    from edgepaged.engine import LLMEngine
+    from edgepaged.profiles import load_profile
+    from edgepaged.server import warm_up
+
+    profile = load_profile(args.profile)
+    engine = LLMEngine.from_model(args.model, profile, max_kv_blocks=args.max_kv_blocks, backend=args.backend)
+    warm_up(engine, profile.scheduler.max_num_seqs)
+    levels, first_id = [], 0
+    for c in args.concurrency:
+        n = args.requests or max(16, 4 * c)
+        level = run_engine_level(engine, c, n, args.prompt_words, args.max_tokens, args.time_limit, first_id)
+        first_id += n
+        levels.append(level)
+        print(json.dumps(asdict(level)), flush=True)
+    return levels
+
+
+def bench(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResult], dict]:
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     levels, first_id = [], 0
     for c in args.concurrency:
@@ -259,17 +392,19 @@ def bench(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResult]]:
         first_id += n
         levels.append(level)
         print(json.dumps(asdict(level)), flush=True)
-    return model, levels
+    refusals = burst_summary(url, model, args.burst, args.max_tokens)
+    print(json.dumps(refusals), flush=True)
+    return model, levels, refusals
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="benchmark a running server instead of starting one")
+    parser.add_argument("--url", help="benchmark a running server instead of starting one (no engine-alone levels)")
     parser.add_argument("--model", help="model folder or .gguf for the server this script starts")
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--backend")
     parser.add_argument("--max-kv-blocks", type=int)
-    parser.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client counts")
+    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated client counts")
     parser.add_argument(
         "--requests", type=int, default=0, help="requests per level (default: 4 x clients, at least 16)"
     )
@@ -278,6 +413,7 @@ def main() -> None:
     parser.add_argument(
         "--time-limit", type=float, default=120.0, help="seconds per level before no new request starts"
     )
+    parser.add_argument("--burst", type=int, default=200, help="requests sent at once to time the 429s")
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--card", help="name for the report (default: the CUDA device, else cpu-<arch>)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
@@ -286,10 +422,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.url is None:
+        levels = engine_levels(args)
         with own_server(args) as url:
-            model, levels = bench(url, args)
+            model, served, refusals = bench(url, args)
     else:
-        model, levels = bench(args.url.rstrip("/"), args)
+        levels = []
+        model, served, refusals = bench(args.url.rstrip("/"), args)
+    levels += served
 
     card = card_name(args)
     date = dt.date.today().isoformat()
@@ -303,10 +442,12 @@ def main() -> None:
         "prompt_words": args.prompt_words,
         "max_tokens": args.max_tokens,
         "host": platform.node(),
+        "cpus": os.cpu_count(),
     }
     stem = args.out / f"serve-{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps({**meta, "levels": [asdict(lv) for lv in levels]}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(meta, levels))
+    report = {**meta, "levels": [asdict(lv) for lv in levels], "burst": refusals}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(meta, levels, refusals))
     print(f"wrote {stem}.md and .json")
 
 

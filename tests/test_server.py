@@ -367,7 +367,7 @@ BAD_REQUESTS = [
     ),
     ("top_p zero", "/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, AUTH, 400, "top_p"),
     ("n zero", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, AUTH, 400, "n"),
-    ("top_k zero", "/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 0}, AUTH, 400, "top_k"),
+    ("top_k below off", "/v1/completions", {"model": MODEL, "prompt": "x", "top_k": -2}, AUTH, 400, "top_k"),
     ("missing prompt", "/v1/completions", {"model": MODEL}, AUTH, 400, "prompt"),
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, AUTH, 400, "empty"),
     ("batched prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, AUTH, 400, "one prompt"),

@@ -14,16 +14,22 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from test_server import AUTH, KEY, MODEL, LiveServer, live_server
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from edgepaged.cli import app as cli
 from edgepaged.engine import LLMEngine
-from edgepaged.rag import Embedder, RagIndexError, RagPipeline, RagStore, index_directory
+from edgepaged.rag import (
+    Embedder,
+    RagIndexError,
+    RagPipeline,
+    RagStore,
+    index_directory,
+)
 from edgepaged.server import check_rag_indexes, open_rag
 from edgepaged.server.app import RagCollections
 from edgepaged.server.async_engine import AdmissionLimits
-from test_server import AUTH, KEY, MODEL, LiveServer, live_server
 
 CORPUS = Path(__file__).parent / "fixtures" / "rag_corpus"
 

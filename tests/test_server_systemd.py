@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import typer
+from wheel_build import built_wheel
 
 from edgepaged.cli.serve import serve
 from edgepaged.profiles import load_profile
@@ -166,18 +168,6 @@ def test_unit_file_is_hardened_notify_service():
     assert unit["ExecStart"][0].split()[-1] == "serve"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
-def test_unit_passes_systemd_analyze_verify(tmp_path):
-    # verify checks ExecStart is executable; point it at this interpreter instead of /opt's venv.
-    text = (DEPLOY / "edgepaged.service").read_text().replace("/opt/edgepaged/venv/bin/edgepaged", sys.executable)
-    unit = tmp_path / "edgepaged.service"
-    unit.write_text(text)
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
-        result.stdout + result.stderr
-    )
-
-
 def test_env_example_names_only_real_serve_options():
     app = typer.Typer()
     app.command()(serve)
@@ -191,6 +181,140 @@ def test_install_script_parses():
     subprocess.run(["bash", "-n", str(DEPLOY / "install.sh")], check=True, timeout=30)
     if shutil.which("shellcheck"):
         subprocess.run(["shellcheck", str(DEPLOY / "install.sh")], check=True, timeout=60)
+
+
+# ---- deploy/install.sh into a temporary root, and the unit's ExecStart run from it ---------
+
+# What systemd gives a service besides the unit's own settings (no inherited environment).
+SYSTEMD_BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, tiny_model_dir) -> Path:
+    """The service as install.sh stages it (non-editable, from the wheel), with the tiny model."""
+    root = tmp_path_factory.mktemp("staged-root")
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "install.sh"), "--root", str(root), "--package", str(built_wheel(tmp_path_factory)),
+         "--model", str(tiny_model_dir), "--profile", "cpu", "--system-site-packages"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(package:" in result.stdout, "each step reports how long it took"
+    return root
+
+
+def in_root(root: Path, path: str) -> Path:
+    return root / path.lstrip("/")
+
+
+def test_install_stages_the_whole_service(staged, tiny_model_dir):
+    unit_dir = in_root(staged, "/etc/systemd/system")
+    unit = unit_settings((unit_dir / "edgepaged.service").read_text())
+    assert unit == unit_settings((DEPLOY / "edgepaged.service").read_text())
+    drop_in = unit_settings((unit_dir / "edgepaged.service.d" / "memory.conf").read_text())
+    assert drop_in["MemoryMax"] == [systemd.memory_max(load_profile("cpu"))]
+    env_file = in_root(staged, unit["EnvironmentFile"][0])
+    assert env_file.stat().st_mode & 0o777 == 0o640
+    settings = read_environment_file(env_file)
+    assert settings["EDGEPAGED_MODEL"] == str(tiny_model_dir) and settings["EDGEPAGED_PROFILE"] == "cpu"
+    assert (staged / "usr/lib/sysusers.d/edgepaged.conf").read_text().startswith("u edgepaged ")
+    python = in_root(staged, unit["ExecStart"][0].split()[0])
+    where = subprocess.run(
+        [str(python), "-c", "import edgepaged.profiles as p; print(p.PROFILES_DIR)"],
+        env={**SYSTEMD_BASE_ENV}, cwd=staged, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # cwd: `python -c` puts it first on the path, and the checkout's would win
+    assert Path(where).is_relative_to(staged / "opt"), f"the service would run {where}, not the installed package"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_installed_unit_passes_systemd_analyze_verify(staged, tmp_path):
+    # verify checks that ExecStart is executable, so it reads the staged interpreter's path;
+    # the drop-in beside the unit is verified with it.
+    installed = in_root(staged, "/etc/systemd/system")
+    text = (installed / "edgepaged.service").read_text().replace("/opt/edgepaged/", f"{staged}/opt/edgepaged/")
+    (tmp_path / "edgepaged.service").write_text(text)
+    shutil.copytree(installed / "edgepaged.service.d", tmp_path / "edgepaged.service.d")
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "edgepaged.service")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
+        result.stdout + result.stderr
+    )
+
+
+def read_environment_file(path: Path) -> dict[str, str]:
+    """systemd's EnvironmentFile= syntax, as far as the settings file uses it."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    return {key.strip(): value for key, value in pairs}
+
+
+def seconds(value: str) -> float:
+    units = {"s": 1, "min": 60, "ms": 0.001}
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return float(number) * units[value[len(number):] or "s"]
+
+
+def test_installed_service_starts_answers_and_stops_as_the_unit_runs_it(staged, tmp_path):
+    """ExecStart with the unit's environment and working directory, its paths under the staged
+    root; runs as the test's user, since the unit's user exists only after a live install."""
+    unit = unit_settings(in_root(staged, "/etc/systemd/system/edgepaged.service").read_text())
+    env_file = in_root(staged, unit["EnvironmentFile"][0])
+    port = _free_port()
+    # What an administrator edits for this box: a free port, and a pool capped for a test.
+    text = env_file.read_text().replace("EDGEPAGED_PORT=8000", f"EDGEPAGED_PORT={port}")
+    env_file.write_text(text + "EDGEPAGED_MAX_KV_BLOCKS=256\n")
+    owned = [in_root(staged, f"/var/lib/{unit['StateDirectory'][0]}"), in_root(staged, f"/var/cache/{unit['CacheDirectory'][0]}")]
+    for directory in owned:  # StateDirectory= and CacheDirectory=, which systemd creates
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def staged_path(value: str) -> str:
+        return str(in_root(staged, value)) if value.startswith(("/var/lib/edgepaged", "/var/cache/edgepaged")) else value
+
+    env = dict(SYSTEMD_BASE_ENV)
+    for assignment in unit["Environment"]:
+        key, value = assignment.split("=", 1)
+        env[key] = staged_path(value)
+    env.update(read_environment_file(env_file))
+    address = str(tmp_path / "notify.sock")
+    listener = NotifyListener(address)
+    env["NOTIFY_SOCKET"] = address
+    env["WATCHDOG_USEC"] = str(int(seconds(unit["WatchdogSec"][0]) * 1e6))
+    argv = unit["ExecStart"][0].split()
+    log = tmp_path / "journal.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(in_root(staged, argv[0])), *argv[1:]], env=env, cwd=staged_path(unit["WorkingDirectory"][0]),
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        if not listener.wait_for("READY=1", 240):
+            proc.kill()
+            pytest.fail(f"no READY=1; the journal:\n{log.read_text()}")
+        assert listener.wait_for("WATCHDOG=1", 5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        served = client.models.list().data[0].id
+        answer = client.chat.completions.create(
+            model=served, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0
+        )
+        assert answer.usage.completion_tokens >= 1
+        journal = log.read_text()
+        # The start-up report: what runs, the memory plan with its KV pool, and where.
+        for expected in ("model ", "profile cpu", "float32 weights", "torch backend", "memory plan:", "KV pool", f"http://127.0.0.1:{port}"):
+            assert expected in journal, expected
+        assert list(Path(env["EDGEPAGED_CACHE"]).glob("plans/*.json")), "the plan is kept in the unit's cache"
+
+        stop_timeout = seconds(unit["TimeoutStopSec"][0])
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=stop_timeout) == 0
+        assert time.monotonic() - started < stop_timeout
+        assert listener.wait_for("STOPPING=1", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
 
 
 # ---- a real serve process ------------------------------------------------------------------

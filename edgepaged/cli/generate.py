@@ -1,4 +1,8 @@
-"""`edgepaged generate`: one prompt, answered on stdout as it is generated."""
+"""`edgepaged generate`: one prompt, answered on stdout as it is generated.
+
+The engine's KV pool holds this one request (prompt plus --max-tokens), not the profile's
+whole budget: the prompt is tokenized first, with the model's own tokenizer, to know its size.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..errors import EdgepagedError, RequestError
-from ..sampling import SamplingParams
+from .streaming import stream_local, write_stdout
 
 
 def generate(
@@ -28,7 +32,9 @@ def generate(
     system: Optional[str] = typer.Option(None, "--system", help="System message for --chat."),
 ) -> None:
     """Generate an answer to PROMPT and stream it to the terminal."""
-    from ..engine import LLMEngine
+    from ..llm import engine_for_job
+    from ..models.loader import load_tokenizer, resolve_model
+    from ..sampling import SamplingParams
 
     try:
         if not prompt.strip():
@@ -37,22 +43,31 @@ def generate(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             repetition_penalty=repetition_penalty,
         )
-        engine = LLMEngine.from_model(model, profile, backend=backend)
-        tokenizer = engine.tokenizer
-        if chat and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        tokenizer = load_tokenizer(resolve_model(model))
+        if tokenizer is None:
+            raise RequestError("this model folder has no tokenizer; `edgepaged generate` takes text prompts")
+        templated = chat and bool(getattr(tokenizer, "chat_template", None))
+        if templated:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            prompt_ids = engine.apply_chat_template(messages)
+            # As the engine renders chat prompts: role tokens typed in the prompt stay text.
+            prompt_ids = list(tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False, sanitize_control_tokens=True
+            ))
         else:
-            prompt_ids = engine.encode(prompt)
-        engine.add_request("cli", prompt_ids, params)
+            prompt_ids = list(tokenizer(prompt, add_special_tokens=True).input_ids)
+        engine = engine_for_job(model, profile, max_request_tokens=len(prompt_ids) + max_tokens, backend=backend)
+        final = stream_local(engine, "cli", prompt_ids, params, write_stdout)
     except (EdgepagedError, ValueError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
-    shown = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            text = out.outputs[0].text
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
     sys.stdout.write("\n")
+    if not templated and _ended_at_once(final.token_ids, engine.eos_token_ids):
+        typer.echo(
+            "note: the model's first token was end-of-sequence, so the answer is empty; a raw prompt "
+            "(--no-chat) works best as text to continue, e.g. 'The capital of France is'",
+            err=True,
+        )
+
+
+def _ended_at_once(token_ids: list[int], eos_token_ids: frozenset[int]) -> bool:
+    return len(token_ids) == 1 and token_ids[0] in eos_token_ids

@@ -12,21 +12,13 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from safetensors import safe_open
 
-from ..memory.planner import (
-    ESTIMATED_CUDA_OVERHEAD_BYTES,
-    MemoryPlan,
-    MemoryPlanError,
-    dtype_bytes,
-    estimate_activation_bytes,
-    plan_memory,
-)
-from ..memory.probe import device_matches, facts_from_profile
-from ..profiles import GIB, DeviceProfile, ProfileError, list_profiles, load_profile
+if TYPE_CHECKING:  # imported in the commands, so `edgepaged --help` does not load torch
+    from ..memory.planner import MemoryPlan
+    from ..profiles import DeviceProfile
 
 app = typer.Typer(help="Device profiles and the memory plan they give.", no_args_is_help=True)
 
@@ -34,6 +26,8 @@ app = typer.Typer(help="Device profiles and the memory plan they give.", no_args
 @app.command("list")
 def list_command() -> None:
     """List the shipped profiles."""
+    from ..profiles import list_profiles, load_profile
+
     for name in list_profiles():
         p = load_profile(name)
         memory = "unified" if p.device.unified_memory else "discrete"
@@ -57,6 +51,9 @@ def show_command(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Show how the profile's budget is spent on a model: weights, activations, KV pool, sequences."""
+    from ..memory.planner import MemoryPlanError
+    from ..memory.probe import device_matches
+
     profile = _load(name)
     try:
         if device_matches(profile):
@@ -75,7 +72,15 @@ def show_command(
 
 def plan_from_figures(profile: DeviceProfile, folder: Path) -> MemoryPlan:
     """The plan on the device the profile describes, for a machine that does not have it."""
+    from ..memory.planner import (
+        ESTIMATED_CUDA_OVERHEAD_BYTES,
+        dtype_bytes,
+        estimate_activation_bytes,
+        plan_memory,
+    )
+    from ..memory.probe import facts_from_profile
     from ..models.config import ModelConfig
+    from ..profiles import GIB
 
     cfg = ModelConfig.from_folder(folder)
     plan = plan_memory(
@@ -102,6 +107,8 @@ def checkpoint_bytes(folder: Path, float_bytes: int) -> int:
     Reads only the headers, so a checkpoint of many GB costs nothing to size. Integer tensors are
     buffers (position ids and the like), not weights the model loads, so they are not counted.
     """
+    from safetensors import safe_open
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise typer.BadParameter(f"{folder} holds no *.safetensors weights", param_hint="--model")
@@ -116,6 +123,8 @@ def checkpoint_bytes(folder: Path, float_bytes: int) -> int:
 
 
 def _load(name: str) -> DeviceProfile:
+    from ..profiles import ProfileError, load_profile
+
     try:
         return load_profile(name)
     except ProfileError as exc:

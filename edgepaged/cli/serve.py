@@ -8,13 +8,18 @@ FastAPI and uvicorn.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from .. import __version__
 from ..errors import EdgepagedError
+from .device import profile_here
+
+log = logging.getLogger(__name__)
 
 _COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -76,7 +81,14 @@ def serve(
         "--max-waiting-requests",
         envvar="EDGEPAGED_MAX_WAITING_REQUESTS",
         min=1,
-        help="queued requests before 429 (default: the profile's)",
+        help="queued requests before 429 (default: as many as --max-queue-wait allows, at most the profile's)",
+    ),
+    max_queue_wait: float = typer.Option(
+        30.0,
+        "--max-queue-wait",
+        envvar="EDGEPAGED_MAX_QUEUE_WAIT",
+        min=0.1,
+        help="seconds a request should wait at most before it starts: sizes the default --max-waiting-requests",
     ),
     max_waiting_tokens: Optional[int] = typer.Option(
         None,
@@ -87,6 +99,33 @@ def serve(
     ),
     max_body_mb: float = typer.Option(
         4.0, "--max-body-mb", envvar="EDGEPAGED_MAX_BODY_MB", min=0.001, help="largest request body accepted"
+    ),
+    max_stop_strings: int = typer.Option(
+        16, "--max-stop-strings", envvar="EDGEPAGED_MAX_STOP_STRINGS", min=0, help="stop strings one request may send"
+    ),
+    max_stop_chars: int = typer.Option(
+        256, "--max-stop-chars", envvar="EDGEPAGED_MAX_STOP_CHARS", min=1, help="longest stop string accepted"
+    ),
+    allowed_host: list[str] | None = typer.Option(  # noqa: B008 - a repeatable option, as --rag
+        None,
+        "--allowed-host",
+        envvar="EDGEPAGED_ALLOWED_HOSTS",
+        help="a hostname clients may reach the server by, besides localhost, IP addresses and --host "
+        "(repeatable; '*' for any; in the variable, separated by spaces)",
+    ),
+    cors_origin: list[str] | None = typer.Option(  # noqa: B008 - a repeatable option, as --rag
+        None,
+        "--cors-origin",
+        envvar="EDGEPAGED_CORS_ORIGINS",
+        help="a browser origin (https://app.example) allowed to read answers; none: CORS off (repeatable)",
+    ),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", envvar="EDGEPAGED_HEADER_TIMEOUT", min=0.1,
+        help="seconds a connection has to send its request headers",
+    ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", envvar="EDGEPAGED_BODY_TIMEOUT", min=0.1,
+        help="seconds a request has to send its body",
     ),
     drain_timeout: float = typer.Option(
         30.0,
@@ -111,15 +150,32 @@ def serve(
         envvar="EDGEPAGED_RAG_PIN",
         help="keep the hot prompt prefixes of these --rag collections pinned in the KV cache: NAME[,NAME...]",
     ),
+    emulate: bool = typer.Option(
+        False,
+        "--emulate",
+        help="plan as on the profile's device: budget and figures from the profile, allocator capped to them",
+    ),
 ) -> None:
     """Serve the OpenAI API (completions, chat, models) with metrics, health and systemd notify."""
+    from edgepaged.models.loader import DEFAULT_MODEL
     from edgepaged.server import ServeOptions, run
+    from edgepaged.server.protocol import RequestLimits
+
+    # The start-up report begins before run(), whose identical basicConfig then changes nothing;
+    # the memory plan table follows from edgepaged.planning once the model is measured.
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    chosen = profile_here(profile, emulate, log.warning)
+    log.info(
+        "edgepaged %s: model %s, profile %s (%s), %s weights, %s backend; will listen on http://%s:%d once loaded",
+        __version__, model or DEFAULT_MODEL, chosen.name, chosen.description or chosen.device.kind,
+        chosen.model.dtype, backend or chosen.backend, host, port,
+    )
 
     # An empty EDGEPAGED_RAG_PIN= means none, as in the settings file.
     pins = tuple(dict.fromkeys(name.strip() for name in (rag_pin or "").split(",") if name.strip()))
     options = ServeOptions(
         model=model,
-        profile=profile,
+        profile=chosen,
         host=host,
         port=port,
         api_key=api_key,
@@ -128,7 +184,13 @@ def serve(
         served_model_name=served_model_name,
         max_waiting_requests=max_waiting_requests,
         max_waiting_tokens=max_waiting_tokens,
+        max_queue_wait=max_queue_wait,
         max_body_bytes=int(max_body_mb * 1024 * 1024),
+        limits=RequestLimits(max_stop_strings=max_stop_strings, max_stop_chars=max_stop_chars),
+        allowed_hosts=tuple(allowed_host or ()),
+        cors_origins=tuple(cors_origin or ()),
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
         drain_timeout=drain_timeout,
         log_level=log_level,
         rag=parse_rag_collections(rag, pins),

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import EdgepagedError
 from ..profiles import GIB, DeviceProfile
 from .probe import DeviceFacts
 
@@ -24,7 +25,7 @@ MIB = 1 << 20
 ESTIMATED_CUDA_OVERHEAD_BYTES = 512 * MIB
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(EdgepagedError, ValueError):
     """The budget cannot run this model under this profile; the message gives the numbers."""
 
 

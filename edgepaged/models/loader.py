@@ -72,10 +72,18 @@ def _file_key(path: Path) -> str:
 
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
-    """Dequantise a GGUF checkpoint into a cached safetensors + tokenizer folder (once)."""
-    out = cache_root() / "models" / f"{name or gguf.stem}-{_file_key(gguf)}"
+    """Dequantise a GGUF checkpoint into a cached safetensors + tokenizer folder (once).
+
+    A file is known by its content, not its name or path: the default model's GGUF given by its
+    path, or any copy of a converted file, reuses the folder converted before.
+    """
+    key = _file_key(gguf)
+    out = cache_root() / "models" / f"{name or gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
+    converted = sorted(d for d in out.parent.glob(f"*-{key}") if (d / "config.json").is_file())
+    if converted:
+        return converted[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

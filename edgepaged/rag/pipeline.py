@@ -31,6 +31,9 @@ from edgepaged.sampling import SamplingParams
 
 @dataclass(slots=True)
 class Source:
+    """A passage an answer was generated from: its file, its chunk number, its similarity.
+    The server sends it as is in `rag_sources`, so the offline and HTTP answers share one type."""
+
     path: str
     chunk_index: int
     score: float

@@ -3,30 +3,47 @@
 The engine is not thread-safe and `step()` blocks for a whole forward pass, so it lives on one
 dedicated thread that owns it completely: HTTP handlers send it commands (add, abort) through
 a queue, and it hands each step's outputs back to the event loop in one callback per step. That
-single owner is what gives continuous batching across HTTP clients, and it is why the prompt is
-tokenized on that thread too (a transformers tokenizer shared with the engine's detokenizer is
-not safe to call from two threads).
+single owner is what gives continuous batching across HTTP clients.
 
-Admission is decided on the engine thread as well, so the bound is exact: a request counts as
-waiting, with its prompt tokens, from admission until it produces its first token. Past
-`max_waiting_requests` or `max_waiting_tokens` it is refused with `QueueFull`, which the app
-answers with 429; a request alone in the queue is always admitted, so one long prompt cannot be
-starved by a token bound smaller than the context.
+A request's preparation (tokenizing, rendering the chat template) runs on a third thread, the
+tokenizer thread, so neither the event loop nor the engine loop waits for a multi-megabyte
+prompt: the running streams keep their pace while it is tokenized. Encoding and decoding only
+read the tokenizer, so the tokenizer thread and the engine thread's detokenizer may use it at
+once; one tokenizer thread keeps encodes from overlapping one another.
+
+Admission is decided on the event loop, before anything slow: a request counts as waiting from
+its admission until it produces its first token (or ends). Past `max_waiting_requests` it is
+refused with `QueueFull` at once, before its prompt is even tokenized, which the app answers
+with 429; past `max_waiting_tokens` once its prompt length is known. A request alone in the
+queue is always admitted, so one long prompt cannot be starved by a token bound smaller than
+the context. `Retry-After` is the queue's recent wait, measured on the requests that left it.
 
 Work that must touch the engine between requests rather than between steps (pinning hot RAG
 prefixes, which runs prefills of its own and would swallow other requests' outputs) goes in
 `on_idle`: the engine thread calls it each time the engine has drained, after the last
 outputs are on their way to the clients.
+
+The event loop outranks both threads for the CPU: they run at a lower priority (a higher nice
+value, which the engine's torch worker threads inherit), so on a box whose cores the engine
+keeps busy, a 429, a health check or the next SSE chunk waits for no forward pass, and a huge
+prompt being tokenized takes its CPU from the engine last.
+
+An exception from `step()` is an engine fault, not a request's: the engine's state is then
+unknown, so every request in flight (queued, tokenizing or running) is failed with
+`EngineUnavailable` and `on_failure` is told, which ends the process for systemd to restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from edgepaged.engine import LLMEngine
@@ -37,6 +54,9 @@ from edgepaged.server.metrics import QueueState
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.25  # how often an idle engine thread wakes to refresh its heartbeat
+ENGINE_NICE = 5  # added to the process's nice value on the engine thread
+TOKENIZER_NICE = 10  # and on the tokenizer thread
+_WAIT_SMOOTHING = 0.2  # weight of the newest queue wait in the Retry-After estimate
 
 
 class QueueFull(Exception):
@@ -55,7 +75,6 @@ class EngineUnavailable(RuntimeError):
 class AdmissionLimits:
     max_waiting_requests: int
     max_waiting_tokens: int
-    retry_after_s: int = 1
 
 
 @dataclass(slots=True)
@@ -64,15 +83,15 @@ class PreparedRequest:
     params: SamplingParams
 
 
-# A request's preparation runs on the engine thread (tokenizer, chat template, parameters that
-# depend on the prompt length); it raises RequestError for input the server must refuse.
+# A request's preparation runs on the tokenizer thread (tokenizer, chat template, parameters
+# that depend on the prompt length); it raises RequestError for input the server must refuse.
 Prepare = Callable[[], PreparedRequest]
 
 
 @dataclass(slots=True)
 class _Add:
     request_id: str
-    prepare: Prepare
+    prepared: PreparedRequest
     admitted: asyncio.Future[None]
 
 
@@ -82,11 +101,11 @@ class _Abort:
 
 
 @dataclass(slots=True)
-class _Live:
-    """Engine-thread bookkeeping of one admitted, unfinished request."""
+class _Waiting:
+    """A request admitted to the queue that has not produced a token yet (event loop only)."""
 
-    prompt_tokens: int
-    waiting: bool = True
+    since: float
+    prompt_tokens: int = 0  # known once tokenized
 
 
 class RequestStream:
@@ -125,27 +144,31 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns the engine thread; every public method is called from the event loop."""
+    """Owns the engine and tokenizer threads; every public method is called from the event loop."""
 
     def __init__(self, engine: LLMEngine, limits: AdmissionLimits):
         self.engine = engine
         self.limits = limits
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
+        self.vocab_size: int = engine.model_config.vocab_size
         self.on_failure: Callable[[BaseException], None] | None = None  # e.g. stop the HTTP server
         self.on_idle: Callable[[], object] | None = None  # engine thread, each time the engine drains
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._admissions: dict[str, asyncio.Future[None]] = {}  # sent to the engine thread, not answered yet
-        self._live: dict[str, _Live] = {}  # engine thread only
-        self._waiting_requests = 0  # written by the engine thread, read anywhere
+        self._waiting: dict[str, _Waiting] = {}
         self._waiting_tokens = 0
+        self._recent_wait_s = 1.0  # smoothed seconds from admission to first token
         self._stats = engine.stats()
         self._heartbeat = time.monotonic()
         self._failure: BaseException | None = None
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="edgepaged-engine", daemon=True)
+        self._tokenizer = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edgepaged-tokenize", initializer=_lower_priority, initargs=(TOKENIZER_NICE,)
+        )
 
     # ---- event-loop side -------------------------------------------------------------------
 
@@ -160,6 +183,7 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._commands.put(None)
             await asyncio.to_thread(self._thread.join)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
         self._fail_streams(EngineUnavailable("the server stopped before the request finished"))
 
     def stop_accepting(self) -> None:
@@ -170,29 +194,43 @@ class AsyncEngine:
     def accepting(self) -> bool:
         return self._accepting and self._failure is None
 
-    async def add(self, request_id: str, prepare: Prepare) -> RequestStream:
-        """Admit a request, or raise QueueFull, RequestError or EngineUnavailable."""
+    def _check_accepting(self) -> None:
         if not self.accepting:
             raise EngineUnavailable("the server is shutting down" if self._failure is None else "the engine has failed")
-        assert self._loop is not None and request_id not in self._streams
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        admitted = self._loop.create_future()
-        self._streams[request_id] = outputs
-        self._admissions[request_id] = admitted
-        self._commands.put(_Add(request_id, prepare, admitted))
+
+    async def add(self, request_id: str, prepare: Prepare) -> RequestStream:
+        """Admit a request, or raise QueueFull, RequestError or EngineUnavailable."""
+        self._check_accepting()
+        assert self._loop is not None and request_id not in self._waiting and request_id not in self._streams
+        if self._waiting and len(self._waiting) >= self.limits.max_waiting_requests:
+            raise self._queue_full()
+        waiting = self._waiting[request_id] = _Waiting(time.monotonic())
         try:
+            prepared = await self._loop.run_in_executor(self._tokenizer, prepare)
+            tokens = len(prepared.prompt_token_ids)
+            if len(self._waiting) > 1 and self._waiting_tokens + tokens > self.limits.max_waiting_tokens:
+                raise self._queue_full()
+            self._check_accepting()  # the engine may have failed or begun draining meanwhile
+            waiting.prompt_tokens = tokens
+            self._waiting_tokens += tokens
+            admitted = self._loop.create_future()
+            self._streams[request_id] = outputs = asyncio.Queue()
+            self._admissions[request_id] = admitted
+            self._commands.put(_Add(request_id, prepared, admitted))
             await admitted
         except asyncio.CancelledError:
             self.abort(request_id)
             raise
         except BaseException:
             self._streams.pop(request_id, None)
+            self._leave_queue(request_id)
             raise
         finally:
             self._admissions.pop(request_id, None)
         return RequestStream(self, request_id, outputs)
 
     def abort(self, request_id: str) -> None:
+        self._leave_queue(request_id)
         if self._streams.pop(request_id, None) is not None:
             self._commands.put(_Abort(request_id))
 
@@ -200,17 +238,35 @@ class AsyncEngine:
         return self._stats
 
     def queue_state(self) -> QueueState:
-        return QueueState(self._waiting_requests, self._waiting_tokens, self.healthy())
+        return QueueState(len(self._waiting), self._waiting_tokens, self.healthy())
 
     def healthy(self, max_stall_s: float = 60.0) -> bool:
         """The loop is alive and has turned within `max_stall_s` (safe from any thread)."""
         return self._failure is None and self._thread.is_alive() and time.monotonic() - self._heartbeat < max_stall_s
 
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"the server is at capacity ({len(self._waiting)} requests, "
+            f"{self._waiting_tokens} prompt tokens waiting); retry later",
+            max(1, math.ceil(self._recent_wait_s)),
+        )
+
+    def _leave_queue(self, request_id: str) -> None:
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is not None:
+            self._waiting_tokens -= waiting.prompt_tokens
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted by its client while the step ran
+            waiting = self._waiting.get(out.request_id)
+            if waiting is not None and (out.finished or any(c.token_ids for c in out.outputs)):
+                self._leave_queue(out.request_id)
+                wait = now - waiting.since
+                self._recent_wait_s += _WAIT_SMOOTHING * (wait - self._recent_wait_s)
             stream.put_nowait(out)
             if out.finished:
                 del self._streams[out.request_id]
@@ -236,11 +292,13 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(callback, *args)
 
     def _run(self) -> None:
+        _lower_priority(ENGINE_NICE)
+        live: set[str] = set()  # admitted to the engine and not finished
         try:
-            while self._handle_commands():
+            while self._handle_commands(live):
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
-                    self._track(outputs)
+                    live.difference_update(out.request_id for out in outputs if out.finished)
                     self._post(self._deliver, outputs)
                     if not self.engine.has_unfinished_requests():
                         self._drained()
@@ -251,9 +309,8 @@ class AsyncEngine:
             self._failure = exc
             self._post(self._on_loop_failure, exc)
             return
-        for request_id in list(self._live):
+        for request_id in live:
             self.engine.abort_request(request_id)
-        self._live.clear()
 
     def _drained(self) -> None:
         """Run `on_idle`; its failure is logged, not fatal: serving matters more than upkeep, and
@@ -265,7 +322,7 @@ class AsyncEngine:
         except Exception:
             log.exception("idle hook failed")
 
-    def _handle_commands(self) -> bool:
+    def _handle_commands(self, live: set[str]) -> bool:
         """Apply queued commands; block briefly only when the engine has nothing to do."""
         block = not self.engine.has_unfinished_requests()
         while True:
@@ -277,52 +334,27 @@ class AsyncEngine:
             if command is None:
                 return False
             if isinstance(command, _Abort):
-                live = self._live.pop(command.request_id, None)
-                if live is not None:
-                    self._leave_queue(live)
+                if command.request_id in live:
+                    live.discard(command.request_id)
                     self.engine.abort_request(command.request_id)
-            else:
-                self._admit(command)
-
-    def _admit(self, command: _Add) -> None:
-        try:
-            prepared = command.prepare()
-            tokens = len(prepared.prompt_token_ids)
-            limits = self.limits
-            if self._waiting_requests and (
-                self._waiting_requests >= limits.max_waiting_requests
-                or self._waiting_tokens + tokens > limits.max_waiting_tokens
-            ):
-                raise QueueFull(
-                    f"the server is at capacity ({self._waiting_requests} requests, "
-                    f"{self._waiting_tokens} prompt tokens waiting); retry later",
-                    limits.retry_after_s,
-                )
-            self.engine.add_request(command.request_id, prepared.prompt_token_ids, prepared.params)
-        except Exception as exc:  # a request's own failure is its answer, not the loop's death
-            self._post(_settle, command.admitted, exc)
-            return
-        self._live[command.request_id] = _Live(tokens)
-        self._waiting_requests += 1
-        self._waiting_tokens += tokens
-        self._post(_settle, command.admitted, None)
-
-    def _track(self, outputs: list[RequestOutput]) -> None:
-        """Move requests out of the waiting count at their first token, forget finished ones."""
-        for out in outputs:
-            live = self._live.get(out.request_id)
-            if live is None:
                 continue
-            if live.waiting and (out.finished or any(c.token_ids for c in out.outputs)):
-                self._leave_queue(live)
-            if out.finished:
-                del self._live[out.request_id]
+            try:
+                self.engine.add_request(command.request_id, command.prepared.prompt_token_ids, command.prepared.params)
+            except Exception as exc:  # noqa: BLE001 - a request's own failure is its answer, not the loop's death
+                self._post(_settle, command.admitted, exc)
+                continue
+            live.add(command.request_id)
+            self._post(_settle, command.admitted, None)
 
-    def _leave_queue(self, live: _Live) -> None:
-        if live.waiting:
-            live.waiting = False
-            self._waiting_requests -= 1
-            self._waiting_tokens -= live.prompt_tokens
+
+def _lower_priority(increment: int) -> None:
+    """Raise the calling thread's nice value (Linux gives each thread its own; threads it
+    starts inherit it). Lowering priority needs no privilege; where it fails, nothing does."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except OSError:
+        log.debug("could not lower the priority of %s", threading.current_thread().name)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

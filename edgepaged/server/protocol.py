@@ -1,7 +1,9 @@
 """The OpenAI wire format the server speaks: request validation and response shapes.
 
 Requests are validated strictly (no "10" for 10, no true for 1) so a client bug is a clear 400
-instead of a silent guess. Fields the OpenAI API has but this server cannot honour (logit_bias,
+instead of a silent guess, and every sampling field within what the sampler can represent, so
+one request's value can never fail a batched step shared with others. Limits an operator
+sets (stop strings) arrive as the validation context, a `RequestLimits`. Fields the OpenAI API has but this server cannot honour (logit_bias,
 tools, logprobs while streaming) are rejected by name rather than ignored: a client that asks for them must
 not get an answer that looks as if they were applied. Unknown fields are ignored, as OpenAI's
 own clients send vendor extensions freely.
@@ -10,6 +12,7 @@ own clients send vendor extensions freely.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import (
@@ -17,13 +20,21 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 
 from edgepaged.outputs import TokenLogprob
-from edgepaged.sampling import MAX_LOGPROBS, MAX_PRESENCE_FREQUENCY, MAX_REPETITION_PENALTY
+from edgepaged.rag.pipeline import Source
+from edgepaged.sampling import (
+    MAX_LOGPROBS,
+    MAX_PRESENCE_FREQUENCY,
+    MAX_REPETITION_PENALTY,
+    MAX_TOP_K,
+    SEED_RANGE,
+)
 
 # Fields of the OpenAI API this server does not implement, with the values that mean "off".
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -39,12 +50,22 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds on request fields that cost the engine per step: every stop string is searched
+    for in each new piece of text, so their number and length are capped (`serve
+    --max-stop-strings`, `--max-stop-chars`)."""
+
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """What completions and chat share: the model, sampling knobs and streaming."""
 
     model_config = ConfigDict(strict=True, extra="allow")
@@ -54,7 +75,7 @@ class _SamplingRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -62,24 +83,28 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-MAX_PRESENCE_FREQUENCY, le=MAX_PRESENCE_FREQUENCY)
     # vLLM-style extensions: top_k and repetition_penalty for sampling, ignore_eos for
     # benchmarks with fixed output lengths.
-    top_k: int = Field(default=-1, ge=-1)
+    top_k: int = Field(default=-1, ge=-1, le=MAX_TOP_K)  # -1 or 0: off; the app also bounds it by the vocabulary
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
-    def _stop_strings(cls, stop: str | list[str] | None) -> list[str] | None:
+    def _stop_strings(cls, stop: str | list[str] | None, info: ValidationInfo) -> list[str] | None:
         if stop is None:
             return None
+        limits = info.context if isinstance(info.context, RequestLimits) else RequestLimits()
         stops = [stop] if isinstance(stop, str) else stop
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings are allowed")
+        if len(stops) > limits.max_stop_strings:
+            raise ValueError(f"at most {limits.max_stop_strings} stop strings are allowed, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > limits.max_stop_chars:
+            raise ValueError(f"stop strings are limited to {limits.max_stop_chars} characters, got one of {longest}")
         return stops or None
 
     @model_validator(mode="after")
-    def _reject_unsupported(self) -> _SamplingRequest:
+    def _reject_unsupported(self) -> SamplingRequest:
         for name, value in (self.model_extra or {}).items():
             if name in _UNSUPPORTED and value not in _UNSUPPORTED[name]:
                 raise ValueError(f"'{name}' is not supported by this server")
@@ -98,7 +123,7 @@ class _SamplingRequest(BaseModel):
             raise ValueError("'logprobs' are returned with 'stream': false only")
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     """POST /v1/completions: one prompt, as text or as token ids.
 
     OpenAI also accepts a batch of prompts; a batch of one is unwrapped, a larger batch is
@@ -119,6 +144,11 @@ class CompletionRequest(_SamplingRequest):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def output_limit(self) -> tuple[str, int] | None:
+        """The output bound the client sent, with the field it came in."""
+        return None if self.max_tokens is None else ("max_tokens", self.max_tokens)
 
     @field_validator("prompt")
     @classmethod
@@ -162,7 +192,7 @@ class RagOptions(BaseModel):
     top_k: int = Field(default=4, ge=1, le=32)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions; `max_completion_tokens` is OpenAI's newer name for max_tokens."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -185,8 +215,11 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
-    def output_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def output_limit(self) -> tuple[str, int] | None:
+        """The output bound the client sent, with the field it came in (the newer name wins)."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return None if self.max_tokens is None else ("max_tokens", self.max_tokens)
 
     @property
     def rag_question(self) -> str:
@@ -246,19 +279,11 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class RagSource(BaseModel):
-    """A passage a RAG answer was generated from: its file, its chunk number, its similarity."""
-
-    path: str
-    chunk_index: int
-    score: float
-
-
 class _WithRagSources(BaseModel):
     """Adds `rag_sources` to a chat answer or chunk, after OpenAI's fields, and leaves it out
     where it is None, so a client that never asked for RAG sees exactly OpenAI's shape."""
 
-    rag_sources: list[RagSource] | None = None
+    rag_sources: list[Source] | None = None
 
     @model_serializer(mode="wrap")
     def _sources_last_or_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
