@@ -1,15 +1,16 @@
 """The engine loop: requests in, one scheduler step at a time, outputs out.
 
 A step is vLLM v1's three calls: the scheduler decides (scheduler.py), the step pipeline
-executes and lands sampled tokens (overlap.py, over model_runner.py), and the scheduler and the
-output processor update from those tokens (output_processor.py). `LLMEngine` holds the wiring
-and this loop; it is synchronous and single-threaded on purpose, and the offline `LLM` front
-and the server's async front both drive it through `add_request` / `step` / `abort_request`.
+executes and lands sampled tokens (overlap.py), and the scheduler and the output processor
+update from them (output_processor.py). `LLMEngine` holds the wiring and this loop, synchronous
+and single-threaded on purpose; the offline `LLM` and the server drive it through `add_request`
+/ `step` / `abort_request`. A failure processing one request's output ends that request alone.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
@@ -22,7 +23,7 @@ from .memory.enforce import cap_process_memory
 from .memory.planner import MemoryPlan
 from .model_runner import ModelRunner
 from .models.config import ModelConfig
-from .models.loader import DEFAULT_MODEL, generation_eos_ids, load_tokenizer, resolve_model
+from .models.loader import display_name, generation_eos_ids, load_tokenizer, resolve_model
 from .input_processor import InputProcessor
 from .output_processor import OutputProcessor
 from .outputs import EngineStats, RequestOutput
@@ -32,6 +33,8 @@ from .profiles import DeviceProfile, load_profile
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request, Sequence, SequenceStatus
+
+_log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -93,9 +96,8 @@ class LLMEngine:
         prof = load_profile(profile)
         folder = resolve_model(model)
         config = config_from_profile(prof, max_kv_blocks, backend, cuda_graphs)
-        return cls(folder, config, prof, model_name=_display_name(model, folder))
+        return cls(folder, config, prof, model_name=display_name(model, folder))
 
-    # -- requests ----------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return self.inputs.apply_chat_template(messages)
 
@@ -167,7 +169,11 @@ class LLMEngine:
         for item in landed:
             seq = item.seq
             self.scheduler.append_token(seq, item.token)
-            reason = self.outputs.process_token(seq, item.token, item.logprobs, now)
+            try:
+                reason = self.outputs.process_token(seq, item.token, item.logprobs, now)
+            except Exception:  # one request's text or stop check failed: it alone ends
+                _log.exception("request %s: output processing failed; ending it", seq.request.request_id)
+                reason = "error"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             touched[seq.request.request_id] = seq.request
@@ -238,7 +244,3 @@ def measure_plan(model: str | Path | None, profile: str | Path | DeviceProfile) 
         engine.runner, engine.config, engine.model_config, engine.profile,
         weights_bytes=engine.weights_bytes, max_model_len=engine.max_model_len, cap_blocks=None,
     )
-
-
-def _display_name(model: str | Path | None, folder: Path) -> str:
-    return DEFAULT_MODEL if model is None or str(model) in ("", "default", DEFAULT_MODEL) else folder.name

@@ -8,8 +8,8 @@ import itertools
 from pathlib import Path
 from typing import Sequence
 
-from .engine import LLMEngine, _display_name, config_from_profile
-from .models.loader import resolve_model
+from .engine import LLMEngine, config_from_profile
+from .models.loader import display_name, resolve_model
 from .outputs import EngineStats, RequestOutput
 from .profiles import DeviceProfile, load_profile
 from .sampling import SamplingParams
@@ -43,7 +43,7 @@ def engine_for_job(
         max_num_batched_tokens=min(config.max_num_batched_tokens, max_num_seqs * tokens),
         num_kv_blocks=max_num_seqs * -(-tokens // config.block_size),
     )
-    return LLMEngine(folder, config, prof, model_name=_display_name(model, folder))
+    return LLMEngine(folder, config, prof, model_name=display_name(model, folder))
 
 
 class LLM:

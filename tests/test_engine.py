@@ -283,3 +283,26 @@ def test_logprobs_zero_gives_only_the_chosen_token(engine):
     assert len(entries) == 4 and all(e.top == [] and e.logprob <= 0 for e in entries)
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+def test_a_failure_processing_one_request_ends_only_that_request(tiny_model_dir):
+    """Whatever one request's output processing raises ends that request ("error") and leaves
+    the others in the same steps running to their full length."""
+    engine = make_engine(tiny_model_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for rid in ("a", "bad", "c"):
+        engine.add_request(rid, [5, 6, 7, 8], params)
+    process = engine.outputs.process_token
+
+    def failing(seq, *args):
+        if seq.request.request_id == "bad" and seq.num_output_tokens == 3:
+            raise ValueError("simulated failure")
+        return process(seq, *args)
+
+    engine.outputs.process_token = failing
+    final = engine.run_to_completion(["a", "bad", "c"])
+    assert final["bad"].outputs[0].finish_reason == "error"
+    assert len(final["bad"].outputs[0].token_ids) == 3
+    for rid in ("a", "c"):
+        assert final[rid].outputs[0].finish_reason == "length" and len(final[rid].outputs[0].token_ids) == 8
+    assert engine.kv.pool.num_used == 0 and not engine.has_unfinished_requests()

@@ -142,3 +142,8 @@ def generation_eos_ids(folder: Path) -> set[int]:
         return set()
     eos = json.loads(path.read_text()).get("eos_token_id")
     return set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+
+
+def display_name(model: str | Path | None, folder: Path) -> str:
+    """The name a model is served and reported under: the default model's own, else its folder's."""
+    return DEFAULT_MODEL if model is None or str(model) in ("", "default", DEFAULT_MODEL) else folder.name
