@@ -1,6 +1,6 @@
 """edgepaged: an LLM inference runtime for edge boxes with a paged KV cache.
 
-`LLM` and `SamplingParams` are loaded on first use (PEP 562), so importing a light module
+`LLM`, `SamplingParams` and `OutputKind` are loaded on first use (PEP 562), so importing a light module
 (`edgepaged.profiles`, the CLI for `--help`) does not import torch, the engine and the model.
 """
 
@@ -13,11 +13,12 @@ from .outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 
 if TYPE_CHECKING:
     from .llm import LLM
-    from .sampling import SamplingParams
+    from .sampling import OutputKind, SamplingParams
 
 __all__ = [
     "LLM",
     "SamplingParams",
+    "OutputKind",
     "RequestOutput",
     "CompletionOutput",
     "TokenLogprob",
@@ -34,8 +35,8 @@ def __getattr__(name: str):
         from .llm import LLM
 
         return LLM
-    if name == "SamplingParams":
-        from .sampling import SamplingParams
+    if name in ("SamplingParams", "OutputKind"):
+        from . import sampling
 
-        return SamplingParams
+        return getattr(sampling, name)
     raise AttributeError(f"module 'edgepaged' has no attribute {name!r}")

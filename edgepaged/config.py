@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .profiles import DeviceProfile
+from .profiles import KV_8BIT_DTYPES, DeviceProfile
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,12 +29,23 @@ class EngineConfig:
     # Launch each step before reading the previous step's tokens, so host work overlaps the GPU.
     # On a CPU the "device" is the host itself, and overlapping only delays every token a step.
     overlap_steps: bool = False
+    # A quantized checkpoint (GGUF) runs with its weights packed ("keep") or dequantized to `dtype`.
+    quantization: str = "keep"
+    # The KV pool's element type: "auto" (the model's dtype) or 8 bits with scales, "int8" or
+    # "fp8_e4m3" (attention.QuantizedCache); the torch and triton backends read both.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.quantization not in ("keep", "dequantize"):
+            raise ValueError(f"quantization must be keep or dequantize, got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", *KV_8BIT_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be auto, int8 or fp8_e4m3, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.backend not in ("torch", "triton"):
+            raise ValueError(f"an {self.kv_cache_dtype} KV cache needs the torch or triton backend, not {self.backend}")
 
 
 def config_from_profile(
@@ -43,8 +54,14 @@ def config_from_profile(
     kind = profile.device.kind
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"profile {profile.name!r} is for a CUDA GPU and none is available here; use --profile cpu")
-    if profile.kv_dtype != profile.model.dtype:
-        raise ValueError(f"profile {profile.name!r}: a KV dtype other than the model dtype is not supported yet")
+    eight_bit = profile.kv_cache.dtype in KV_8BIT_DTYPES
+    if profile.kv_dtype != profile.model.dtype and not eight_bit:
+        raise ValueError(
+            f"profile {profile.name!r}: kv_cache.dtype {profile.kv_dtype} differs from model.dtype; "
+            f"use auto, int8 or fp8_e4m3"
+        )
+    if eight_bit and kind == "cuda":
+        profile.check_kv_dtype_on(torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     return EngineConfig(
         device=torch.device("cuda" if kind == "cuda" else "cpu"),
         dtype=DTYPES[profile.model.dtype],
@@ -57,4 +74,6 @@ def config_from_profile(
         enable_prefix_caching=profile.scheduler.enable_prefix_caching,
         cuda_graphs=cuda_graphs,
         overlap_steps=kind == "cuda" if profile.scheduler.overlap_steps is None else profile.scheduler.overlap_steps,
+        quantization=profile.model.quantization,
+        kv_cache_dtype=profile.kv_cache.dtype if eight_bit else "auto",
     )

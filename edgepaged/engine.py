@@ -30,7 +30,7 @@ from .outputs import EngineStats, RequestOutput
 from .overlap import LandedToken, StepPipeline
 from .planning import plan_for
 from .profiles import DeviceProfile, load_profile
-from .sampling import Sampler, SamplingParams, make_generator
+from .sampling import OutputKind, Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request, Sequence, SequenceStatus
 
@@ -80,17 +80,12 @@ class LLMEngine:
             self.eos_token_ids |= {self.tokenizer.eos_token_id}
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        self.peak_blocks_used = 0
-        self.peak_running = 0
+        self.peak_blocks_used = self.peak_running = 0
 
     @classmethod
     def from_model(
-        cls,
-        model: str | Path | None = None,
-        profile: str | Path | DeviceProfile = "cpu",
-        max_kv_blocks: int | None = None,
-        backend: str | None = None,
-        cuda_graphs: bool | None = None,
+        cls, model: str | Path | None = None, profile: str | Path | DeviceProfile = "cpu", max_kv_blocks: int | None = None,
+        backend: str | None = None, cuda_graphs: bool | None = None,
     ) -> LLMEngine:
         """Build an engine from a model (None: the default model) and a device profile."""
         prof = load_profile(profile)
@@ -176,14 +171,18 @@ class LLMEngine:
                 reason = "error"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            touched[seq.request.request_id] = seq.request
+            request = seq.request
+            # A request that hands out only its final output is looked at when a sample ends.
+            if reason is not None or request.params.output_kind is not OutputKind.FINAL_ONLY:
+                touched[request.request_id] = request
         outputs = []
         for request in touched.values():
             out = self.outputs.output(request)
-            if out.finished:
+            if request.finished:
                 self.requests.pop(request.request_id, None)
                 self.outputs.release(request)
-            outputs.append(out)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def stats(self) -> EngineStats:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import AttentionBackend, AttentionBatch
+from .attention import KV_SCALE_DTYPE, AttentionBackend, AttentionBatch, QuantizedCache
 from .cache import KVCacheManager
 from .cuda_graph import DecodeGraphs, FedRows, graphs_requested, stage
 from .models.llama import LlamaForCausalLM
@@ -194,7 +194,8 @@ class ModelRunner:
         param = model.embed_tokens
         self.device, self.dtype = param.device, param.dtype
         self.kv_cache = torch.empty(0, dtype=self.dtype, device=self.device)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_scales: torch.Tensor | None = None  # an 8-bit pool's scales, one per (slot, head)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | list[tuple[QuantizedCache, QuantizedCache]] = []
         self.graphs: DecodeGraphs | None = None
         self._tables = _TableMirror()
 
@@ -215,14 +216,14 @@ class ModelRunner:
         one sequence long, so the memory plan can leave room for them before the pool exists."""
         if not self._graphs_apply():
             return 0
-        saved = self.kv_cache, self.kv_caches
+        saved = self.kv_cache, self.kv_scales, self.kv_caches
         self._allocate(-(-self.max_model_len // self.block_size))
         try:
             trial = self._capture_graphs()
             return trial.memory_bytes
         finally:
             trial = None  # the trial graphs and their pool go before the real pool is allocated
-            self.kv_cache, self.kv_caches = saved
+            self.kv_cache, self.kv_scales, self.kv_caches = saved
             torch.cuda.empty_cache()
 
     def _capture_graphs(self) -> DecodeGraphs:
@@ -234,13 +235,25 @@ class ModelRunner:
         return graphs
 
     def _allocate(self, num_blocks: int) -> None:
+        """The pool in the backend's KV dtype (the model's unless it reads 8-bit pools). An
+        8-bit pool gets a parallel fp16 scales tensor [layers, 2, blocks, block_size, heads],
+        indexed by the same slots, and each layer's pools travel as QuantizedCache pairs, so
+        the captured decode graphs hold the scales' addresses along with the codes'."""
         cfg = self.model.config
-        self.kv_cache = torch.zeros(
-            (cfg.num_layers, 2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim),
-            dtype=self.dtype,
-            device=self.device,
-        )
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        shape = (cfg.num_layers, 2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        kv_dtype = self.backend.kv_dtype
+        if kv_dtype is None:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_scales = None
+            self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+            return
+        # Zero bytes are code 0 in int8 and 0.0 in e4m3fn; zero scales keep unwritten slots at 0.
+        self.kv_cache = torch.zeros(shape, dtype=torch.uint8, device=self.device).view(kv_dtype)
+        self.kv_scales = torch.zeros(shape[:-1], dtype=KV_SCALE_DTYPE, device=self.device)
+        self.kv_caches = [
+            tuple(QuantizedCache(self.kv_cache[i, j], self.kv_scales[i, j]) for j in (0, 1))
+            for i in range(cfg.num_layers)
+        ]
 
     def _graphs_apply(self) -> bool:
         return (
@@ -265,7 +278,7 @@ class ModelRunner:
         if max_num_batched_tokens % seq_len:
             lengths.append(max_num_batched_tokens % seq_len)
         blocks_per_seq = -(-max(seq_len, 1) // bs)
-        saved = self.kv_cache, self.kv_caches
+        saved = self.kv_cache, self.kv_scales, self.kv_caches
         # Every synthetic sequence shares one table: their writes collide harmlessly, and the
         # throwaway cache stays one sequence long however many sequences the step holds.
         self._allocate(blocks_per_seq)
@@ -274,12 +287,9 @@ class ModelRunner:
                 (np.array(lengths), np.zeros(len(lengths), dtype=np.int64)),
                 (np.ones(max_num_seqs, dtype=np.int64), np.full(max_num_seqs, seq_len - 1)),
             ):
-                tables = np.tile(np.arange(blocks_per_seq, dtype=np.int32), (len(query_lens), 1))
-                ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
-                step = host_step(ids, computed, query_lens, tables, np.ones(len(query_lens), dtype=bool), bs)
-                self._sample(step, self._forward_eager(step))
+                self._run_synthetic(query_lens, computed, blocks_per_seq)
         finally:
-            self.kv_cache, self.kv_caches = saved
+            self.kv_cache, self.kv_scales, self.kv_caches = saved
 
     @torch.inference_mode()
     def warm_up(self, num_blocks: int) -> None:
@@ -297,24 +307,36 @@ class ModelRunner:
             ([17], [min(100, long - 17)]),
             ([1, 1, 16, 40], [10, min(300, long), min(64, long - 16), 0]),
         ):
-            query_lens, computed = np.array(query_lens), np.array(computed, dtype=np.int64)
-            tables = np.tile(np.arange(width, dtype=np.int32), (len(query_lens), 1))
-            ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
-            step = host_step(ids, computed, query_lens, tables, np.ones(len(query_lens), dtype=bool), bs)
-            step.slot_mapping[:] = -1
-            self._sample(step, self._forward_eager(step))
+            self._run_synthetic(np.array(query_lens), np.array(computed, dtype=np.int64), width, write=False)
         torch.cuda.synchronize(self.device)
+
+    def _run_synthetic(self, query_lens: np.ndarray, computed: np.ndarray, width: int, write: bool = True) -> None:
+        """One eager step of token-0 sequences that all share the table 0..width-1 (their
+        writes collide harmlessly); with write=False every slot is -1 and the pool is only read."""
+        tables = np.tile(np.arange(width, dtype=np.int32), (len(query_lens), 1))
+        ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
+        step = host_step(ids, computed, query_lens, tables, np.ones(len(query_lens), dtype=bool), self.block_size)
+        if not write:
+            step.slot_mapping[:] = -1
+        self._sample(step, self._forward_eager(step))
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.kv_cache.numel() * self.kv_cache.element_size()
+        scales = 0 if self.kv_scales is None else self.kv_scales.numel() * self.kv_scales.element_size()
+        return self.kv_cache.numel() * self.kv_cache.element_size() + scales
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate shared blocks before anyone writes into the copies."""
+        """Copy-on-write: duplicate shared blocks before anyone writes into the copies; an
+        8-bit pool's blocks take their scales along (copied as bytes: torch does not index fp8)."""
         if not copies:
             return
         (pairs,) = stage([np.array(copies, dtype=np.int64).T], self.device)
-        self.kv_cache[:, :, pairs[1]] = self.kv_cache[:, :, pairs[0]]
+        if self.kv_scales is None:
+            self.kv_cache[:, :, pairs[1]] = self.kv_cache[:, :, pairs[0]]
+            return
+        codes = self.kv_cache.view(torch.uint8)
+        codes[:, :, pairs[1]] = codes[:, :, pairs[0]]
+        self.kv_scales[:, :, pairs[1]] = self.kv_scales[:, :, pairs[0]]
 
     def build_step(self, chunks: list[ScheduledChunk], kv: KVCacheManager, tables_changed: bool) -> HostStep:
         """The step's host inputs; `chunks` must list the one-token chunks first.

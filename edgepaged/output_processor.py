@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .detokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .sampling import OutputKind
 from .sequence import Request, Sequence
 
 
@@ -28,7 +29,12 @@ class SampledLogprobs:
 class _SeqOutput:
     detokenizer: IncrementalDetokenizer | None
     logprobs: list[TokenLogprob] | None
-    visible_text_len: int = 0  # how much of the detokenized text may be shown (stop holdback)
+    # Characters a stop string could still claim at the text's end, kept back until ruled out.
+    stop_holdback: int
+    visible_text_len: int = 0  # how much of the detokenized text may be shown
+    # What the request's outputs have carried so far (OutputKind.DELTA sends only the rest).
+    sent_tokens: int = 0
+    sent_text_len: int = 0
 
 
 class OutputProcessor:
@@ -43,7 +49,9 @@ class OutputProcessor:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
-        self._seqs[seq.seq_id] = _SeqOutput(detok, [] if request.params.logprobs is not None else None)
+        params = request.params
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._seqs[seq.seq_id] = _SeqOutput(detok, [] if params.logprobs is not None else None, holdback)
 
     def process_token(self, seq: Sequence, token: int, logprobs: SampledLogprobs | None, now: float) -> str | None:
         """Account for a token the scheduler has just appended; return why the sequence stops
@@ -60,39 +68,46 @@ class OutputProcessor:
         reason = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
             reason = "stop"
-        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= request.max_total_tokens:
+        elif len(seq.token_ids) >= request.max_total_tokens:  # max_tokens, or the context's end
             reason = "length"
         det = state.detokenizer
         if det is not None:
             det.add(token)
             if reason is not None:
                 det.flush()
-            stop_at = _find_stop(det.text, params.stop, len(det.text) - state.visible_text_len)
-            if stop_at is not None:
-                det.text = det.text[:stop_at]
-                reason = "stop"
-            holdback = 0 if reason else max((len(s) for s in params.stop), default=1) - 1
-            state.visible_text_len = max(state.visible_text_len, len(det.text) - holdback)
+            if params.stop:
+                stop_at = _find_stop(det.text, params.stop, det.text_len - state.visible_text_len)
+                if stop_at is not None:
+                    det.truncate(stop_at)
+                    reason = "stop"
+            holdback = 0 if reason else state.stop_holdback
+            state.visible_text_len = max(state.visible_text_len, det.text_len - holdback)
         return reason
 
-    def output(self, request: Request) -> RequestOutput:
+    def output(self, request: Request) -> RequestOutput | None:
+        """The request's output after this step, as its `output_kind` asks (None: nothing to
+        hand out yet, for FINAL_ONLY before the end)."""
+        kind = request.params.output_kind
+        finished = request.finished
+        if kind is OutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind is OutputKind.DELTA
         outs = []
         for s in request.sequences:
             state = self._seqs[s.seq_id]
             det = state.detokenizer
-            outs.append(
-                CompletionOutput(
-                    index=s.index,
-                    text=det.text[: state.visible_text_len] if det else "",
-                    token_ids=s.output_token_ids,
-                    finish_reason=s.finish_reason,
-                    logprobs=list(state.logprobs) if state.logprobs is not None else None,
-                )
-            )
+            text_from = state.sent_text_len if delta else 0
+            tokens_from = state.sent_tokens if delta else 0
+            text = det.text[text_from : state.visible_text_len] if det else ""
+            token_ids = s.token_ids[s.num_prompt_tokens + tokens_from :]
+            logprobs = state.logprobs[tokens_from:] if state.logprobs is not None else None
+            state.sent_text_len = state.visible_text_len
+            state.sent_tokens = s.num_output_tokens
+            outs.append(CompletionOutput(s.index, text, token_ids, s.finish_reason, logprobs))
         metrics = {"arrival_time": request.arrival_time}
         if request.first_token_time is not None:
             metrics["first_token_time"] = request.first_token_time
-        return RequestOutput(request.request_id, request.prompt_token_ids, outs, request.finished, metrics)
+        return RequestOutput(request.request_id, request.prompt_token_ids, outs, finished, metrics)
 
     def release(self, request: Request) -> None:
         """A finished request's final output has been made: forget its sequences."""

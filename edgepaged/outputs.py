@@ -38,6 +38,23 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two successive DELTA outputs of one request as one (a consumer that fell behind reads
+    them together): each sample's new text, tokens and log-probabilities, in order."""
+    by_index = {c.index: c for c in earlier.outputs}
+    merged = []
+    for c in later.outputs:
+        e = by_index.pop(c.index, None)
+        if e is None:
+            merged.append(c)
+            continue
+        logprobs = None if e.logprobs is None and c.logprobs is None else (e.logprobs or []) + (c.logprobs or [])
+        merged.append(CompletionOutput(c.index, e.text + c.text, e.token_ids + c.token_ids, c.finish_reason, logprobs))
+    merged += by_index.values()  # samples the later step did not touch
+    merged.sort(key=lambda c: c.index)
+    return RequestOutput(later.request_id, later.prompt_token_ids, merged, later.finished, later.metrics)
+
+
 @dataclass(slots=True)
 class EngineStats:
     """Pool and scheduler counters; used + free + cached == num_blocks."""

@@ -18,7 +18,7 @@ import torch
 
 from .config import EngineConfig
 from .memory.plan_cache import MeasuredParts, PlanCache, PlanKey
-from .memory.planner import MemoryPlan, plan_memory
+from .memory.planner import MemoryPlan, kv_token_bytes, plan_memory
 from .memory.probe import probe_device
 from .model_runner import ModelRunner
 from .models.config import ModelConfig
@@ -103,16 +103,17 @@ def plan_for(
         parts = MeasuredParts(*measure_activation_and_overhead(runner, config, max_model_len, weights_bytes))
         cache.put(key, parts)
         origin = "measured now by a profile run"
-    dtype_bytes = torch.empty(0, dtype=config.dtype).element_size()
+    model_dtype = str(config.dtype).removeprefix("torch.")
     plan = plan_memory(
         profile,
         probe_device(profile, config.device),
         weights_bytes=weights_bytes,
         activation_bytes=parts.activation_bytes,
         overhead_bytes=parts.overhead_bytes,
-        kv_bytes_per_token=model_config.kv_bytes_per_token(dtype_bytes),
+        kv_bytes_per_token=kv_token_bytes(model_config, config.kv_cache_dtype, model_dtype),
         max_kv_blocks=cap_blocks,
         max_model_len=max_model_len,
+        kv_bytes_per_token_16bit=kv_token_bytes(model_config, "float16", model_dtype),
     )
     log.info(
         "memory plan: %s %s, %s backend on %s; activations and overhead %s\n%s",

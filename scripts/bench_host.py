@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_gpu import OUTPUT_TOKENS, KvUse, rag_prompts  # the same workload and KV-use count as the GPU benchmark
 
-from edgepaged import SamplingParams
+from edgepaged import OutputKind, SamplingParams
 from edgepaged.config import EngineConfig
 from edgepaged.engine import LLMEngine
 from edgepaged.models.random_init import write_random_model
@@ -56,9 +56,11 @@ def stub_engine(folder: Path, block_size: int, max_num_seqs: int, num_blocks: in
     return engine
 
 
-def decode_ms(engine: LLMEngine, prompts: list[list[int]], steps: int, profiler: cProfile.Profile | None = None) -> float:
-    """Median wall time of one decode step with every prompt running (profiled if asked)."""
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+def decode_ms(engine: LLMEngine, prompts: list[list[int]], steps: int, profiler: cProfile.Profile | None = None,
+              output_kind: OutputKind = OutputKind.FINAL_ONLY) -> float:
+    """Median wall time of one decode step with every prompt running (profiled if asked);
+    outputs as LLM.generate asks for them unless `output_kind` says otherwise."""
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True, output_kind=output_kind)
     ids = [f"d{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, p, params)
@@ -115,6 +117,26 @@ def rag_burst(engine: LLMEngine, prompts: list[list[int]]) -> dict:
     }
 
 
+def detokenizer_ms(tokenizer_dir: Path, batch: int, steps: int = 128) -> float:
+    """One step's detokenisation for `batch` sequences of real text (the README's tokens), best
+    of five: the stub's own tokens are a handful of ids, not text."""
+    from transformers import AutoTokenizer
+
+    from edgepaged.detokenizer import IncrementalDetokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tokenizer.encode((REPO / "README.md").read_text())[:steps]
+    best = float("inf")
+    for _ in range(5):
+        dets = [IncrementalDetokenizer(tokenizer, ids[:6]) for _ in range(batch)]
+        t = time.perf_counter()
+        for token in ids:
+            for det in dets:
+                det.add(token)
+        best = min(best, (time.perf_counter() - t) / len(ids))
+    return best * 1e3
+
+
 def top_functions(engine: LLMEngine, prompts: list[list[int]], steps: int) -> list[dict]:
     prof = cProfile.Profile()
     decode_ms(engine, prompts, steps, prof)
@@ -132,10 +154,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--tag", default="", help="appended to the report's file name")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
+    parser.add_argument("--tokenizer", type=Path, default=REPO / ".carry" / "smollm2-tokenizer",
+                        help="tokenizer files written beside the stub model, so outputs are detokenised as in serving")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    folder = write_random_model(Path(tempfile.mkdtemp(prefix="edgepaged-host-")), "tiny-llama", vocab_size=VOCAB,
+    tokenizer = args.tokenizer if (args.tokenizer / "tokenizer.json").is_file() else None
+    folder = write_random_model(Path(tempfile.mkdtemp(prefix="edgepaged-host-")), "tiny-llama",
+                                vocab_size=49152 if tokenizer else VOCAB, tokenizer_from=tokenizer,
                                 hidden_size=32, intermediate_size=32, num_hidden_layers=1)
     largest = max(args.batches)
     prompts = rag_prompts(VOCAB, largest, seed=1)
@@ -151,6 +177,11 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "block_size": args.block_size,
         "decode_ms_per_step": {str(b): decode_ms(engine, prompts[:b], args.steps) for b in args.batches},
+        "decode_ms_by_output_kind_at_largest": {
+            kind.value: decode_ms(engine, prompts[:largest], args.steps, output_kind=kind) for kind in OutputKind
+        },
+        "detokenizer_ms_per_step_at_largest": detokenizer_ms(tokenizer, largest) if tokenizer else None,
+        "tokenizer": str(tokenizer) if tokenizer else None,
         "profile_at_largest": top_functions(engine, prompts[:largest], args.steps),
         "rag_burst": rag_burst(stub_engine(folder, args.block_size, largest, largest * 4200 // args.block_size), prompts),
     }
@@ -172,6 +203,13 @@ def markdown(r: dict) -> str:
     ]
     for b, ms in r["decode_ms_per_step"].items():
         lines.append(f"| {b} | {ms:.3f} | {ms * 1e3 / int(b):.1f} |")
+    largest = max(map(int, r["decode_ms_per_step"]))
+    lines += ["", f"Outputs at batch {largest} (the table above: final_only, what LLM.generate asks for; a streaming "
+              f"server asks for delta): " + ", ".join(f"{k} {v:.3f} ms" for k, v in r["decode_ms_by_output_kind_at_largest"].items())
+              + f". Tokenizer: {r['tokenizer'] or 'none (no detokenisation)'}."]
+    if r["detokenizer_ms_per_step_at_largest"] is not None:
+        lines += ["", f"Detokenising one token of real text for each of {largest} sequences: "
+                  f"{r['detokenizer_ms_per_step_at_largest']:.3f} ms (best of five)."]
     burst = r["rag_burst"]
     lines += [
         "",

@@ -9,8 +9,12 @@ planned from its own figures, with the allocator capped to its budget.
 Each profile runs in its own process, so one run's CUDA context, caches and allocator cap do not
 leak into the next one's numbers. Writes docs/benchmarks/memory-<card>-<date>.md and .json.
 
-    python scripts/bench_memory.py                         # the three default profiles
-    python scripts/bench_memory.py --profiles rtx-4060-8gb --requests 50
+    python scripts/bench_memory.py                         # the three default profiles, 16-bit and int8 KV
+    python scripts/bench_memory.py --profiles rtx-4060-8gb --requests 50 --kv-dtypes int8
+
+Each profile runs once per `--kv-dtypes` entry (auto: the model's 16-bit dtype; int8, fp8_e4m3:
+8-bit pools with scales); the report's KV lines give each pool's tokens against the 16-bit pool
+the same budget would hold (issue 13: int8 must hold >= 1.9x).
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ class ProfileResult:
 
     profile: str
     emulated: bool
+    kv_dtype: str = "auto"
+    kv_tokens: int = 0
+    kv_tokens_16bit: int = 0
+    kv_ratio_vs_16bit: float = 0.0
     budget_bytes: int = 0
     kv_pool_bytes: int = 0
     num_blocks: int = 0
@@ -81,8 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(32, 2048), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-dtypes", nargs="+", default=["auto", "int8"], choices=("auto", "int8", "fp8_e4m3"),
+                        help="KV cache dtypes to run each profile with")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
     parser.add_argument("--worker", metavar="PROFILE", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-kv-dtype", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for flag, (low, high) in (("--prompt-len", args.prompt_len), ("--output-len", args.output_len)):
@@ -103,8 +114,8 @@ def make_requests(n: int, prompt_len: tuple[int, int], output_len: tuple[int, in
     return out
 
 
-def run_profile(name: str, args: argparse.Namespace) -> ProfileResult:
-    """The burst under one profile, in this process (the worker side)."""
+def run_profile(name: str, args: argparse.Namespace, kv_dtype: str = "auto") -> ProfileResult:
+    """The burst under one profile with one KV dtype, in this process (the worker side)."""
     import torch
 
     from edgepaged.engine import LLMEngine
@@ -116,10 +127,13 @@ def run_profile(name: str, args: argparse.Namespace) -> ProfileResult:
     emulated = not device_matches(profile)
     with tempfile.TemporaryDirectory() as tmp:
         ref: str | Path = name
-        if emulated:
+        overrides = {"device": {"emulate": True}} if emulated else {}
+        if kv_dtype != "auto":
+            overrides["kv_cache"] = {"dtype": kv_dtype}
+        if overrides:
             ref = Path(tmp) / f"{profile.name}.yaml"
             base = name if Path(name).suffix != ".yaml" else str(Path(name).resolve())
-            ref.write_text(json.dumps({"extends": base, "name": profile.name, "device": {"emulate": True}}))
+            ref.write_text(json.dumps({"extends": base, "name": profile.name, **overrides}))
         device = torch.device("cuda")
         torch.cuda.init()
         free, total = torch.cuda.mem_get_info(device)
@@ -151,6 +165,10 @@ def run_profile(name: str, args: argparse.Namespace) -> ProfileResult:
     return ProfileResult(
         profile=profile.name,
         emulated=emulated,
+        kv_dtype=kv_dtype,
+        kv_tokens=plan.kv_tokens,
+        kv_tokens_16bit=plan.kv_tokens_16bit,
+        kv_ratio_vs_16bit=round(plan.kv_ratio_vs_16bit, 3),
         budget_bytes=plan.budget_bytes,
         kv_pool_bytes=plan.kv_pool_bytes,
         num_blocks=plan.num_blocks,
@@ -169,16 +187,17 @@ def run_profile(name: str, args: argparse.Namespace) -> ProfileResult:
     )
 
 
-def run_in_subprocess(name: str, argv: list[str]) -> ProfileResult:
+def run_in_subprocess(name: str, argv: list[str], kv_dtype: str = "auto") -> ProfileResult:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", name, "--result-file", str(result_file)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", name, "--worker-kv-dtype", kv_dtype,
+               "--result-file", str(result_file)]
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": path}, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not result_file.is_file():
             sys.stderr.write(proc.stderr)
             last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-            return ProfileResult(profile=name, emulated=False, error=last[0])
+            return ProfileResult(profile=name, emulated=False, kv_dtype=kv_dtype, error=last[0])
         return ProfileResult(**json.loads(result_file.read_text()))
 
 
@@ -215,18 +234,38 @@ def write_report(results: list[ProfileResult], meta: dict, out_dir: Path) -> tup
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        name = r.profile if r.kv_dtype == "auto" else f"{r.profile} [KV {r.kv_dtype}]"
         if r.error:
-            lines.append(f"| {r.profile} | | run failed: {r.error} | | | | no | | | | | | |")
+            lines.append(f"| {name} | | run failed: {r.error} | | | | no | | | | | | |")
             continue
         lines.append(
-            f"| {r.profile} | {'yes' if r.emulated else 'no'} | {r.budget_bytes / GIB:.2f} GiB | {r.kv_pool_bytes / GIB:.2f} GiB "
+            f"| {name} | {'yes' if r.emulated else 'no'} | {r.budget_bytes / GIB:.2f} GiB | {r.kv_pool_bytes / GIB:.2f} GiB "
             f"| {r.num_blocks:,} x {r.block_size} | {r.measured_peak_bytes / GIB:.2f} GiB | {'yes' if r.within_budget else 'NO'} "
             f"| {r.max_concurrent_seqs} | {r.contiguous_max_seqs} | {_ratio(r.contiguous_ratio)} "
             f"| {r.finished_complete} / {r.requests} | {r.preemptions} | {r.wall_s:.1f} |"
         )
+    lines += ["", *kv_lines(results)]
     md_path = stem.with_suffix(".md")
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, json_path
+
+
+def kv_lines(results: list[ProfileResult]) -> list[str]:
+    """One line per run: "KV cache int8 (jetson-orin-nano-8gb): N tokens (x1.94 of 16-bit: M tokens in
+    the same budget), S max concurrent seqs (16-bit run: S16)"; the planner's figures, and the
+    concurrency the burst reached, against the same profile's 16-bit run when there is one."""
+    concurrent_16 = {r.profile: r.max_concurrent_seqs for r in results if r.kv_dtype == "auto" and not r.error}
+    out = []
+    for r in results:
+        if r.error:
+            continue
+        base = concurrent_16.get(r.profile)
+        seen = f", {r.max_concurrent_seqs} max concurrent seqs" + (f" (16-bit run: {base})" if base is not None else "")
+        out.append(
+            f"KV cache {r.kv_dtype} ({r.profile}): {r.kv_tokens:,} tokens (x{r.kv_ratio_vs_16bit:.2f} of 16-bit: "
+            f"{r.kv_tokens_16bit:,} tokens in the same budget){seen}"
+        )
+    return out
 
 
 def _ratio(ratio: float | None) -> str:
@@ -237,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        args.result_file.write_text(json.dumps(asdict(run_profile(args.worker, args))))
+        args.result_file.write_text(json.dumps(asdict(run_profile(args.worker, args, args.worker_kv_dtype))))
         return 0
     import torch
 
@@ -246,15 +285,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for name in args.profiles:
-        results.append(run_in_subprocess(name, argv))
-        r = results[-1]
-        summary = (
-            f"failed: {r.error}"
-            if r.error
-            else f"peak {r.measured_peak_bytes / GIB:.2f} of {r.budget_bytes / GIB:.2f} GiB, {r.max_concurrent_seqs} "
-            f"concurrent, {r.finished_complete}/{r.requests} complete, {r.wall_s:.0f} s"
-        )
-        print(f"{name}: {summary}", flush=True)
+        for kv_dtype in args.kv_dtypes:
+            results.append(run_in_subprocess(name, argv, kv_dtype))
+            r = results[-1]
+            summary = (
+                f"failed: {r.error}"
+                if r.error
+                else f"peak {r.measured_peak_bytes / GIB:.2f} of {r.budget_bytes / GIB:.2f} GiB, {r.max_concurrent_seqs} "
+                f"concurrent, {r.finished_complete}/{r.requests} complete, {r.wall_s:.0f} s, KV {r.kv_tokens:,} tokens "
+                f"(x{r.kv_ratio_vs_16bit:.2f} of 16-bit)"
+            )
+            print(f"{name} [{kv_dtype}]: {summary}", flush=True)
     meta = {
         "card": torch.cuda.get_device_name(0),
         "card_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB,
@@ -267,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_len": list(args.prompt_len),
         "output_len": list(args.output_len),
         "seed": args.seed,
+        "kv_dtypes": args.kv_dtypes,
     }
     md_path, json_path = write_report(results, meta, args.out_dir)
     print(md_path.read_text())

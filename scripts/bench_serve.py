@@ -1,15 +1,22 @@
 """Load-test `edgepaged serve` against the engine alone: TTFT, inter-token latency, throughput.
 
-First the engine is driven in this process (no HTTP) at each concurrency level, then the same
-requests go through a server this script starts (--model/--profile/--backend) or a running one
-(--url), which then takes a burst of --burst requests at once to time its 429s. At each level
-that many requests are kept in flight until the level's request count or time limit is
-reached. Every request has a distinct prompt (no free prefix hits) and a fixed output length
-(ignore_eos), so levels and the two sides compare like with like.
+The engine is driven in this process (no HTTP) and the same requests go through a server this
+script starts (--model/--profile/--backend), level by level and side by side: each round runs
+every concurrency level on both sides, engine then server in even rounds and server then engine
+in odd ones, so load that drifts on a shared box falls on both sides alike. The engine runs in a
+process of its own, as the server does, loaded once and idle while the server runs: driven from
+this process (which also runs the HTTP client and its asyncio loop) its first levels paid
+first-use costs and its later ones ran 3-7x slower than the server on the same box. The report gives each level's server/engine ratios, per
+round and their median. A running server (--url) is measured alone. The server then takes a
+burst of --burst requests at once to time its 429s. At each level that many requests are kept in
+flight until the level's request count or time limit is reached. Every request has a distinct
+prompt (no free prefix hits) and a fixed output length (ignore_eos), so levels and the two sides
+compare like with like.
 
 Writes docs/benchmarks/serve-<card>-<date>.md and .json with the command line that made them.
 
     python scripts/bench_serve.py --profile cpu --max-tokens 32
+    python scripts/bench_serve.py --profile cpu --concurrency 1,8 --rounds 3 --max-kv-blocks 1024
     python scripts/bench_serve.py --profile h100-80gb --backend triton
     python scripts/bench_serve.py --url http://127.0.0.1:8000 --card jetson-orin-nano-8gb
 """
@@ -30,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +77,7 @@ class LevelResult:
     itl_p99_ms: float | None
     e2e_p50_s: float | None
     e2e_p99_s: float | None
+    round: int = 0
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -328,28 +336,48 @@ def burst_summary(url: str, model: str, count: int, max_tokens: int) -> dict:
     }
 
 
-def markdown(meta: dict, levels: list[LevelResult], refusals: dict) -> str:
+def markdown(meta: dict, levels: list[LevelResult], compared: list[dict], refusals: dict) -> str:
     lines = [
         f"# edgepaged serve benchmark: {meta['card']}, {meta['date']}",
         "",
-        f"Command: `{meta['command']}` on `{meta['host']}` ({meta['cpus']} CPUs).",
+        f"Command: `{meta['command']}` on `{meta['host']}` ({meta['cpus']} CPUs; load average at the end "
+        f"{', '.join(str(x) for x in meta.get('load_average_at_end', []))}).",
         "",
         (
             f"Model `{meta['model']}`, profile `{meta['profile']}`, backend `{meta['backend']}`; "
             f"{meta['prompt_words']}-word distinct prompts, {meta['max_tokens']} output tokens each "
-            "(ignore_eos, greedy). `engine` drives the engine in-process, `server` streams the same requests "
+            "(ignore_eos, greedy). `engine` drives the engine in a process of its own (no HTTP), `server` streams the same requests "
             "over loopback HTTP. ITL is the gap between streamed chunks (one token each unless the client lagged)."
         ),
         "",
+    ]
+    if compared:
+        lines += [
+            "Server against engine (ratios of the two sides of one round, which ran back to back; above 1 is "
+            "the server slower in ITL, below 1 the server slower in tokens/s):",
+            "",
+            "| clients | rounds | engine ITL p50 ms | server ITL p50 ms | server/engine ITL | engine tok/s | server tok/s "
+            "| server/engine tok/s | ITL ratio per round |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in compared:
+            lines.append(
+                f"| {row['concurrency']} | {row['rounds']} | {row['engine_itl_p50_ms_median']} | "
+                f"{row['server_itl_p50_ms_median']} | {row['itl_ratio_median']} | {row['engine_tok_s_median']} | "
+                f"{row['server_tok_s_median']} | {row['tok_s_ratio_median']} | "
+                f"{', '.join(str(x) for x in row['itl_ratio_per_round'])} |"
+            )
+        lines += ["", "Every level (medians across rounds above):", ""]
+    lines += [
         (
-            "| side | clients | ok / sent | 429 | failed | prompt tok | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms "
+            "| side | round | clients | ok / sent | 429 | failed | prompt tok | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms "
             "| ITL p50 ms | ITL p99 ms | e2e p50 s | e2e p99 s |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in levels:
         lines.append(
-            f"| {r.side} | {r.concurrency} | {r.ok} / {r.requests} | {r.rejected} | {r.failed} | {r.mean_prompt_tokens} | "
+            f"| {r.side} | {r.round} | {r.concurrency} | {r.ok} / {r.requests} | {r.rejected} | {r.failed} | {r.mean_prompt_tokens} | "
             f"{r.output_tokens_per_s} | {r.requests_per_s} | {r.ttft_p50_ms} | {r.ttft_p99_ms} | {r.itl_p50_ms} | "
             f"{r.itl_p99_ms} | {r.e2e_p50_s} | {r.e2e_p99_s} |"
         )
@@ -364,8 +392,8 @@ def markdown(meta: dict, levels: list[LevelResult], refusals: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def engine_levels(args: argparse.Namespace) -> list[LevelResult]:
-    """Every level on the engine alone, built as the server builds it and freed before the server starts."""
+def local_engine(args: argparse.Namespace):
+    """The engine as the server builds it, warmed up as the server warms it."""
     from edgepaged.engine import LLMEngine
     from edgepaged.profiles import load_profile
     from edgepaged.server import warm_up
@@ -373,28 +401,107 @@ def engine_levels(args: argparse.Namespace) -> list[LevelResult]:
     profile = load_profile(args.profile)
     engine = LLMEngine.from_model(args.model, profile, max_kv_blocks=args.max_kv_blocks, backend=args.backend)
     warm_up(engine, profile.scheduler.max_num_seqs)
-    levels, first_id = [], 0
-    for c in args.concurrency:
-        n = args.requests or max(16, 4 * c)
-        level = run_engine_level(engine, c, n, args.prompt_words, args.max_tokens, args.time_limit, first_id)
-        first_id += n
-        levels.append(level)
-        print(json.dumps(asdict(level)), flush=True)
-    return levels
+    return engine
 
 
-def bench(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResult], dict]:
+_LEVEL = "LEVEL "  # how the engine process marks its answers on stdout
+
+
+def engine_worker(args: argparse.Namespace) -> None:
+    """--engine-worker: load the engine, then run each level asked for on stdin, one JSON line
+    of run_engine_level's arguments each, answering with the level's result."""
+    engine = local_engine(args)
+    print(_LEVEL + "{}", flush=True)
+    for line in sys.stdin:
+        level = run_engine_level(engine, **json.loads(line))
+        print(_LEVEL + json.dumps(asdict(level)), flush=True)
+
+
+def _answer(proc: subprocess.Popen) -> str:
+    for line in proc.stdout:
+        if line.startswith(_LEVEL):
+            return line.removeprefix(_LEVEL)
+    raise SystemExit(f"the engine process exited with {proc.wait()}")
+
+
+@contextmanager
+def engine_process(args: argparse.Namespace) -> Iterator[Callable[..., LevelResult]]:
+    """The engine alone in a process of its own; yields a function that runs one level on it."""
+    cmd = [sys.executable, __file__, "--engine-worker", "--profile", args.profile]
+    for flag, value in (("--model", args.model), ("--backend", args.backend), ("--max-kv-blocks", args.max_kv_blocks)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        _answer(proc)  # loaded and warmed up
+
+        def run(**level: object) -> LevelResult:
+            proc.stdin.write(json.dumps(level) + "\n")
+            proc.stdin.flush()
+            return LevelResult(**json.loads(_answer(proc)))
+
+        yield run
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench(url: str, args: argparse.Namespace, engine: Callable[..., LevelResult] | None = None) -> tuple[str, list[LevelResult], dict]:
+    """Every level, `args.rounds` times, on the server at `url` and (when given) the engine."""
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     levels, first_id = [], 0
-    for c in args.concurrency:
-        n = args.requests or max(16, 4 * c)
-        level = asyncio.run(run_level(url, model, c, n, args.prompt_words, args.max_tokens, args.time_limit, first_id))
-        first_id += n
-        levels.append(level)
-        print(json.dumps(asdict(level)), flush=True)
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            n = args.requests or max(16, 4 * c)
+            sides = ["server"] if engine is None else ["engine", "server"][:: 1 if r % 2 == 0 else -1]
+            for side in sides:
+                if side == "engine":
+                    level = engine(
+                        concurrency=c, requests=n, prompt_words=args.prompt_words, max_tokens=args.max_tokens,
+                        time_limit=args.time_limit, first_id=first_id,
+                    )
+                else:
+                    level = asyncio.run(
+                        run_level(url, model, c, n, args.prompt_words, args.max_tokens, args.time_limit, first_id)
+                    )
+                level.round = r
+                first_id += n
+                levels.append(level)
+                print(json.dumps(asdict(level)), flush=True)
     refusals = burst_summary(url, model, args.burst, args.max_tokens)
     print(json.dumps(refusals), flush=True)
     return model, levels, refusals
+
+
+def comparison(levels: list[LevelResult]) -> list[dict]:
+    """Per concurrency level: the server/engine ratio of ITL p50 and of tokens/s in each round
+    (both sides of a round ran back to back), and the median over the rounds."""
+    rows = []
+    for c in sorted({lv.concurrency for lv in levels}):
+        pairs = []
+        for r in sorted({lv.round for lv in levels}):
+            side = {lv.side: lv for lv in levels if lv.concurrency == c and lv.round == r}
+            if {"engine", "server"} <= side.keys() and side["engine"].itl_p50_ms and side["server"].itl_p50_ms:
+                eng, srv = side["engine"], side["server"]
+                pairs.append((srv.itl_p50_ms / eng.itl_p50_ms, srv.output_tokens_per_s / eng.output_tokens_per_s, eng, srv))
+        if not pairs:
+            continue
+        rows.append({
+            "concurrency": c,
+            "rounds": len(pairs),
+            "itl_ratio_per_round": [round(p[0], 3) for p in pairs],
+            "tok_s_ratio_per_round": [round(p[1], 3) for p in pairs],
+            "itl_ratio_median": round(statistics.median(p[0] for p in pairs), 3),
+            "tok_s_ratio_median": round(statistics.median(p[1] for p in pairs), 3),
+            "engine_itl_p50_ms_median": round(statistics.median(p[2].itl_p50_ms for p in pairs), 2),
+            "server_itl_p50_ms_median": round(statistics.median(p[3].itl_p50_ms for p in pairs), 2),
+            "engine_tok_s_median": round(statistics.median(p[2].output_tokens_per_s for p in pairs), 2),
+            "server_tok_s_median": round(statistics.median(p[3].output_tokens_per_s for p in pairs), 2),
+        })
+    return rows
 
 
 def main() -> None:
@@ -414,21 +521,26 @@ def main() -> None:
         "--time-limit", type=float, default=120.0, help="seconds per level before no new request starts"
     )
     parser.add_argument("--burst", type=int, default=200, help="requests sent at once to time the 429s")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="times every level runs on each side, alternating which side goes first"
+    )
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--card", help="name for the report (default: the CUDA device, else cpu-<arch>)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if args.engine_worker:
+        engine_worker(args)
+        return
     if args.url is None:
-        levels = engine_levels(args)
-        with own_server(args) as url:
-            model, served, refusals = bench(url, args)
+        with engine_process(args) as engine, own_server(args) as url:
+            model, levels, refusals = bench(url, args, engine)
     else:
-        levels = []
-        model, served, refusals = bench(args.url.rstrip("/"), args)
-    levels += served
+        model, levels, refusals = bench(args.url.rstrip("/"), args)
+    compared = comparison(levels)
 
     card = card_name(args)
     date = dt.date.today().isoformat()
@@ -443,11 +555,12 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "host": platform.node(),
         "cpus": os.cpu_count(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     stem = args.out / f"serve-{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}-{date}"
-    report = {**meta, "levels": [asdict(lv) for lv in levels], "burst": refusals}
+    report = {**meta, "levels": [asdict(lv) for lv in levels], "server_vs_engine": compared, "burst": refusals}
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(meta, levels, refusals))
+    stem.with_suffix(".md").write_text(markdown(meta, levels, compared, refusals))
     print(f"wrote {stem}.md and .json")
 
 

@@ -2,13 +2,13 @@
 
 Writes docs/benchmarks/steploop-<card>-<date>.md and .json. In one run, on random bf16 weights
 of the SmolLM2-135M and Llama-3.2-1B shapes (bench_gpu.py's checkpoints):
-  1. `pps`: N requests sharing one 1,024-token prompt, 128 greedy tokens each (ignore_eos), all
-     submitted together, N = 1, 16, 64, 256: identical prompts, and prompts whose last 16 tokens
-     differ. Time to all first tokens and the whole run, with overlapped steps and without. The
-     same shape as `llama-batched-bench -npp 1024 -ntg 128 -pps`, which runs beside it when
-     --llama-cpp names its build folder (the model converted to a bf16 GGUF in this run).
+  1. `pps`: bench_gpu.py's workload of N requests sharing one 1,024-token prompt, 128 greedy
+     tokens each, N = 1, 16, 64, 256, identical and with 16 distinct trailing tokens, with
+     overlapped steps and without. `llama-batched-bench -npp 1024 -ntg 128 -pps` runs beside it
+     when --llama-cpp names its build folder (the model converted to a bf16 GGUF in this run).
   2. `host`: steady decode at 4, 64 and 256 running sequences (each 1,024 shared + 64 own
-     prompt tokens), prefix caching on and off: wall time per step, and the host's own time in
+     prompt tokens), prefix caching on and off, outputs as LLM.generate asks for them (and, at
+     256, as a streaming server does): wall time per step, and the host's own time in
      schedule, execute (building and launching the step), waiting for tokens and updating from
      them; the GPU's busy time per step from torch.profiler.
   3. `rag`: bench_gpu.py's RAG burst (256 requests, 1,024 shared + 64-512 own tokens, 128 out)
@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_gpu import OUTPUT_TOKENS, profile_steps, rag_prompts, run_requests
+from bench_gpu import OUTPUT_TOKENS, PPS_N, PPS_OUT, PPS_PROMPT, pps, profile_steps, rag_prompts, run_requests
 from run_report import card_slug, gpu_run_facts
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = ("smollm2-135m", "llama-3.2-1b")
-PPS_PROMPT, PPS_OUT, PPS_N = 1024, 128, (1, 16, 64, 256)
 HOST_BATCHES = (4, 64, 256)
 # The issue's goals for the H200 (2026-12-01 figures: llama.cpp 1.48 s and 1.80 s at N=256).
 PPS_GOAL_S = {"smollm2-135m": 0.74, "llama-3.2-1b": 0.9}
@@ -55,34 +54,6 @@ def model_folder(models_dir: Path, shape: str, tokenizer: Path | None) -> Path:
 
 def set_overlap(engine, on: bool) -> None:
     engine.pipeline.overlap = on
-
-
-def pps_prompts(vocab: int, n: int, distinct_tail: bool, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(1, vocab, PPS_PROMPT).tolist()
-    if not distinct_tail:
-        return [list(prompt) for _ in range(n)]
-    return [prompt[:-16] + rng.integers(1, vocab, 16).tolist() for _ in range(n)]
-
-
-def pps(engine, vocab: int) -> list[dict]:
-    rows = []
-    seed = 1000
-    for overlap in (True, False):
-        set_overlap(engine, overlap)
-        run_requests(engine, pps_prompts(vocab, 16, False, seed=1), 8)  # warm-up
-        for n in PPS_N:
-            for distinct in (False, True):
-                seed += 1  # a fresh prompt each run: nothing of it is cached yet
-                prompts = pps_prompts(vocab, n, distinct, seed)
-                steps = [0]
-                r = run_requests(engine, prompts, PPS_OUT, on_step=lambda: steps.__setitem__(0, steps[0] + 1))
-                r["all_first_tokens_s"] = r["ttft_max_s"]
-                rows.append({"overlap": overlap, "n": n, "prompts": "distinct-16" if distinct else "identical",
-                             "steps": steps[0], **r})
-                print(f"  pps overlap={overlap} n={n} {rows[-1]['prompts']}: wall {r['wall_s']:.3f} s, "
-                      f"first tokens {r['all_first_tokens_s']:.3f} s, {steps[0]} steps", flush=True)
-    return rows
 
 
 class StepTimer:
@@ -132,50 +103,81 @@ class StepTimer:
 
 
 def host_cost(engine, vocab: int) -> list[dict]:
-    from edgepaged import SamplingParams
+    """Every row with the outputs LLM.generate asks for (FINAL_ONLY); at 256 sequences with
+    overlap and caching on, also with those a streaming server asks for (DELTA) and CUMULATIVE."""
+    from edgepaged import OutputKind, SamplingParams
 
     rows = []
     rng = np.random.default_rng(5)
     shared = rng.integers(1, vocab, 1024).tolist()
-    for caching in (True, False):
+    cases = [(caching, overlap, batch, OutputKind.FINAL_ONLY)
+             for caching in (True, False) for overlap in (True, False) for batch in HOST_BATCHES]
+    cases += [(True, True, HOST_BATCHES[-1], kind) for kind in (OutputKind.DELTA, OutputKind.CUMULATIVE)]
+    for caching, overlap, batch, kind in cases:
         engine.kv.pool.enable_caching = caching
-        for overlap in (True, False):
-            set_overlap(engine, overlap)
-            for batch in HOST_BATCHES:
-                params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
-                ids = [f"h{caching}{overlap}{batch}-{i}" for i in range(batch)]
-                for rid in ids:
-                    engine.add_request(rid, shared + rng.integers(1, vocab, 64).tolist(), params)
-                while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running):
-                    engine.step()
-                for _ in range(5):
-                    engine.step()
-                timer = StepTimer(engine)
-                steps = 60
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(steps):
-                    engine.step()
-                torch.cuda.synchronize()
-                wall = (time.perf_counter() - t) / steps
-                parts = {k: v / steps * 1e3 for k, v in timer.parts.items()}
-                timer.close(engine)
-                prof = profile_steps(engine, 10)
-                for rid in ids:
-                    engine.abort_request(rid)
-                while engine.pipeline.in_flight is not None:
-                    engine.step()
-                host = wall * 1e3 - parts["wait_tokens"]
-                rows.append({"prefix_caching": caching, "overlap": overlap, "batch": batch,
-                             "wall_ms_per_step": wall * 1e3, "host_ms_per_step": host,
-                             **{f"{k}_ms": v for k, v in parts.items()},
-                             "gpu_busy_ms_per_step": prof["gpu_busy_ms_per_step"],
-                             "gpu_busy_fraction": prof["gpu_busy_ms_per_step"] / (wall * 1e3)})
-                print(f"  host caching={caching} overlap={overlap} batch={batch}: {wall * 1e3:.2f} ms/step, host "
-                      f"{host:.2f} ms ({', '.join(f'{k} {v:.2f}' for k, v in parts.items())}), GPU busy "
-                      f"{prof['gpu_busy_ms_per_step']:.2f} ms", flush=True)
+        set_overlap(engine, overlap)
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, output_kind=kind)
+        ids = [f"h{caching}{overlap}{batch}{kind.value}-{i}" for i in range(batch)]
+        for rid in ids:
+            engine.add_request(rid, shared + rng.integers(1, vocab, 64).tolist(), params)
+        while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running):
+            engine.step()
+        for _ in range(5):
+            engine.step()
+        timer = StepTimer(engine)
+        steps = 60
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps
+        parts = {k: v / steps * 1e3 for k, v in timer.parts.items()}
+        timer.close(engine)
+        prof = profile_steps(engine, 10)
+        for rid in ids:
+            engine.abort_request(rid)
+        while engine.pipeline.in_flight is not None:
+            engine.step()
+        host = wall * 1e3 - parts["wait_tokens"]
+        rows.append({"prefix_caching": caching, "overlap": overlap, "batch": batch, "outputs": kind.value,
+                     "wall_ms_per_step": wall * 1e3, "host_ms_per_step": host,
+                     **{f"{k}_ms": v for k, v in parts.items()},
+                     "gpu_busy_ms_per_step": prof["gpu_busy_ms_per_step"],
+                     "gpu_busy_fraction": prof["gpu_busy_ms_per_step"] / (wall * 1e3)})
+        print(f"  host caching={caching} overlap={overlap} batch={batch} {kind.value}: {wall * 1e3:.2f} ms/step, host "
+              f"{host:.2f} ms ({', '.join(f'{k} {v:.2f}' for k, v in parts.items())}), GPU busy "
+              f"{prof['gpu_busy_ms_per_step']:.2f} ms", flush=True)
     engine.kv.pool.enable_caching = True
     return rows
+
+
+STARTUP_COMPILES: list[str] = []  # what the engine compiled while it was built (warm-up included)
+
+
+class TritonCompiles:
+    """The Triton kernels compiled while the block runs: after warm-up, each is a first-use
+    cost that lands on some request's latency."""
+
+    def __enter__(self):
+        from triton import knobs
+
+        self.names: list[str] = []
+        self._previous = knobs.runtime.jit_post_compile_hook
+        knobs.runtime.jit_post_compile_hook = self._record
+        return self
+
+    def _record(self, *args, **kwargs):
+        # The repr names the kernel and its launch options; the key holds each argument's
+        # specialisation (dtype, alignment, value 1), which is what tells two variants apart.
+        name = str(kwargs.get("repr", kwargs.get("fn", "?"))).split("(", 1)[0]
+        self.names.append(f"{name} key={kwargs.get('key')!r}")
+        return False
+
+    def __exit__(self, *exc):
+        from triton import knobs
+
+        knobs.runtime.jit_post_compile_hook = self._previous
 
 
 def rag_burst(engine, vocab: int) -> list[dict]:
@@ -187,10 +189,19 @@ def rag_burst(engine, vocab: int) -> list[dict]:
             engine.kv.pool.reset_cache()
             trace = []  # per step: time, waiting, running
             timer = StepTimer(engine)
-            r = run_requests(engine, prompts, OUTPUT_TOKENS, on_step=lambda: trace.append(
-                (time.monotonic(), len(engine.scheduler.waiting), len(engine.scheduler.running))))
+            with TritonCompiles() as compiles:
+                r = run_requests(engine, prompts, OUTPUT_TOKENS, on_step=lambda: trace.append(
+                    (time.monotonic(), len(engine.scheduler.waiting), len(engine.scheduler.running))))
             timer.close(engine)
             r["host_s"] = dict(timer.parts)
+            r["triton_compiles"] = compiles.names
+            steps_s = np.diff([r_start for r_start, _, _ in trace]) if len(trace) > 1 else np.zeros(1)
+            r["slowest_steps_s"] = sorted(steps_s.tolist(), reverse=True)[:5]
+            for name in compiles.names:
+                kernel = name.split("[", 1)[0]
+                seen = [n for n in STARTUP_COMPILES if n.startswith(kernel + "[")]
+                print(f"  rag round {rnd}: Triton compiled during the burst: {name}\n    compiled at start-up "
+                      f"({len(seen)}): " + "\n    ".join(seen[:4]), flush=True)
             admitted = next((i for i, (_, w, _) in enumerate(trace) if w == 0), len(trace))
             r |= {"steps": len(trace), "steps_until_all_admitted": admitted + 1,
                   "s_until_all_admitted": trace[min(admitted, len(trace) - 1)][0] - trace[0][0] if trace else 0.0,
@@ -299,10 +310,10 @@ def markdown(results: dict) -> str:
                 lines += [f"llama.cpp: `{r['llama_cpp']['command']}`", ""]
         if "host" in r:
             lines += ["### The host's time per decode step (ms)", "",
-                      "| prefix caching | overlap | running | wall | host | schedule | execute | wait for tokens | update | GPU busy | GPU busy share |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "| prefix caching | overlap | running | outputs | wall | host | schedule | execute | wait for tokens | update | GPU busy | GPU busy share |",
+                      "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for h in r["host"]:
-                lines.append(f"| {'on' if h['prefix_caching'] else 'off'} | {'on' if h['overlap'] else 'off'} | {h['batch']} | "
+                lines.append(f"| {'on' if h['prefix_caching'] else 'off'} | {'on' if h['overlap'] else 'off'} | {h['batch']} | {h['outputs']} | "
                              f"{h['wall_ms_per_step']:.2f} | {h['host_ms_per_step']:.2f} | {h['schedule_ms']:.2f} | "
                              f"{h['execute_ms']:.2f} | {h['wait_tokens_ms']:.2f} | {h['update_ms']:.2f} | "
                              f"{h['gpu_busy_ms_per_step']:.2f} | {h['gpu_busy_fraction']:.0%} |")
@@ -335,6 +346,7 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     from edgepaged.engine import LLMEngine
+    from edgepaged.llm import freeze_startup_heap
 
     facts = gpu_run_facts()
     profile = "h200-141gb" if "H200" in facts["device"] else "h100-80gb"
@@ -348,7 +360,10 @@ def main() -> None:
     for shape in args.models:
         folder = model_folder(args.models_dir, shape, args.tokenizer if args.tokenizer.is_dir() else None)
         entry = results["models"].setdefault(shape, {})
-        engine = LLMEngine.from_model(folder, profile=profile, backend="triton")
+        with TritonCompiles() as startup:
+            engine = LLMEngine.from_model(folder, profile=profile, backend="triton")
+        STARTUP_COMPILES[:] = startup.names
+        freeze_startup_heap()  # as a server does after loading its engine
         vocab = engine.model_config.vocab_size
         for part in args.parts:
             print(f"[{shape}] {part}", flush=True)
@@ -362,6 +377,7 @@ def main() -> None:
                     engine.abort_request(rid)
             save()
         del engine
+        gc.unfreeze()  # the dropped engine's cycles (its KV pool among them) become collectable
         gc.collect()
         torch.cuda.empty_cache()
     # The peer last: its build (scripts/gpu_session.sh starts it in the background) may finish

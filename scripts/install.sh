@@ -53,6 +53,6 @@ fi
 
 # The main job: the first run converts the default model once (progress bar), later runs reuse it.
 step "first answer (converts the default model once)"
-"$PY" -m edgepaged generate "What is the capital of France?" --max-tokens 32
+"$PY" -m edgepaged generate "What is the capital of France? Answer in one sentence." --max-tokens 32
 step "done"
 echo "== installed in $((SECONDS - started)) s"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,14 @@ def record_schedules(engine: LLMEngine) -> list:
 
     engine.scheduler.schedule = recording
     return outs
+
+
+def run_under_interpreter(script: str) -> dict:
+    """Run a test file as a script with TRITON_INTERPRET=1 (the interpreter must be on before
+    Triton is imported, so in a child process) and return the JSON its last line prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+

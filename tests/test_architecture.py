@@ -17,8 +17,8 @@ KERNELS = PACKAGE.parent / "kernels"
 
 # Lowest first. A top-level module or subpackage of edgepaged, by name.
 LAYERS = [
-    {"errors", "profiles", "sampling", "outputs", "detokenizer", "attention", "config"},
-    {"cache", "sequence", "kernels", "models", "memory"},
+    {"errors", "profiles", "sampling", "outputs", "detokenizer", "tokenizer", "attention", "config"},
+    {"cache", "sequence", "kernels", "quant", "models", "memory"},
     {"scheduler", "backends", "cuda_graph", "input_processor", "output_processor"},
     {"model_runner", "planning"},
     {"overlap"},

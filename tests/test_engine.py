@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_engine
 
-from edgepaged import LLM, RequestError, SamplingParams
+from edgepaged import LLM, OutputKind, RequestError, SamplingParams
 from edgepaged.detokenizer import IncrementalDetokenizer
 from edgepaged.sampling import Sampler, SamplingRow, make_generator
 
@@ -306,3 +306,55 @@ def test_a_failure_processing_one_request_ends_only_that_request(tiny_model_dir)
     for rid in ("a", "c"):
         assert final[rid].outputs[0].finish_reason == "length" and len(final[rid].outputs[0].token_ids) == 8
     assert engine.kv.pool.num_used == 0 and not engine.has_unfinished_requests()
+
+
+def _run_collecting(engine, rid, prompt, params):
+    engine.add_request(rid, prompt, params)
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [out for out in engine.step() if out.request_id == rid]
+    return seen
+
+
+def test_output_kinds_carry_the_same_result(engine):
+    """DELTA pieces add up to the cumulative text, tokens and log-probabilities; FINAL_ONLY hands
+    out exactly one output, the same as the cumulative one's last."""
+    base = dict(temperature=0.9, seed=5, max_tokens=20, ignore_eos=True, logprobs=2, n=2, stop=["zz"])
+    cumulative = _run_collecting(engine, "cum", "Hello there", SamplingParams(**base))
+    delta = _run_collecting(engine, "delta", "Hello there", SamplingParams(output_kind=OutputKind.DELTA, **base))
+    final = _run_collecting(engine, "final", "Hello there", SamplingParams(output_kind=OutputKind.FINAL_ONLY, **base))
+    last = cumulative[-1]
+    assert len(cumulative) > 1 and len(final) == 1 and final[0].finished
+    for i, want in enumerate(last.outputs):
+        pieces = [o.outputs[i] for o in delta]
+        assert "".join(p.text for p in pieces) == want.text
+        assert [t for p in pieces for t in p.token_ids] == want.token_ids
+        assert [lp.token_id for p in pieces for lp in p.logprobs] == want.token_ids
+        assert final[0].outputs[i].text == want.text and final[0].outputs[i].token_ids == want.token_ids
+    assert sum(len(o.outputs[0].token_ids) for o in delta) == len(last.outputs[0].token_ids)
+
+
+def test_llm_generate_builds_no_output_before_the_end(tiny_model_dir, monkeypatch):
+    llm = LLM(model=str(tiny_model_dir), profile="cpu", max_kv_blocks=64)
+    made = []
+    original = llm.llm_engine.outputs.output
+    monkeypatch.setattr(llm.llm_engine.outputs, "output", lambda r: made.append(r.request_id) or original(r))
+    outs = llm.generate(["a b c", "d e"], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [12, 12]
+    assert sorted(made) == sorted(o.request_id for o in outs)
+
+
+def test_merged_deltas_equal_the_cumulative_output(engine):
+    """A consumer reading several DELTA outputs at once (merge_deltas) gets what CUMULATIVE gives."""
+    from edgepaged.outputs import merge_deltas
+
+    base = dict(temperature=0.9, seed=9, max_tokens=16, ignore_eos=True, logprobs=1, n=2)
+    last = _run_collecting(engine, "cum2", "Once", SamplingParams(**base))[-1]
+    deltas = _run_collecting(engine, "delta2", "Once", SamplingParams(output_kind=OutputKind.DELTA, **base))
+    merged = deltas[0]
+    for out in deltas[1:]:
+        merged = merge_deltas(merged, out)
+    assert merged.finished
+    for got, want in zip(merged.outputs, last.outputs):
+        assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+        assert [lp.token_id for lp in got.logprobs] == want.token_ids

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import make_engine
+from conftest import make_engine, run_under_interpreter
 
 from edgepaged.models.random_init import write_random_model
 from edgepaged.sampling import SamplingParams
@@ -47,11 +44,7 @@ def _id(case: dict) -> str:
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     """Every CPU case run once under the interpreter, keyed like `_run_all`'s result."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_under_interpreter(__file__)
 
 
 @pytest.mark.parametrize("i", range(len(NORM_CASES)), ids=[_id(c) for c in NORM_CASES])

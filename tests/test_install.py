@@ -58,5 +58,5 @@ def test_installed_wheel_runs_without_the_source_tree(wheel, tmp_path):
     assert listed == {p.stem for p in (REPO / "profiles").glob("*.yaml")}
     plan = json.loads(run("profile", "show", "jetson-orin-nano-8gb", "--json").stdout)
     assert plan["profile"] == "jetson-orin-nano-8gb" and plan["num_blocks"] > 0
-    answer = run("generate", "What is the capital of France?", "--max-tokens", "8")
+    answer = run("generate", "What is the capital of France? Answer in one sentence.", "--max-tokens", "12")
     assert "Paris" in answer.stdout

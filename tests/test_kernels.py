@@ -31,14 +31,14 @@ _REPLY_TIMEOUT_S = 300
 class _Child:
     """A long-lived child process running this file's checks, one JSON line per request."""
 
-    def __init__(self, interpret: bool):
+    def __init__(self, interpret: bool, script: str = __file__):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         env.pop("TRITON_INTERPRET", None)
         if interpret:
             env["TRITON_INTERPRET"] = "1"
         self.proc = subprocess.Popen(
-            [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
 
     def run(self, check: str, **params) -> dict:
@@ -352,10 +352,11 @@ def _check_backend_step(dtype, block_size, head_dim, num_kv_heads, group):
     }
 
 
-def _check_compile(arch, head_dim=128, dtypes=("float16", "float32")):
+def _check_compile(arch, head_dim=128, dtypes=("float16", "float32"), kv_dtype=None):
     """Record the launches the wrappers make for small problems, then compile exactly those
     launches (argument types, 16-divisibility hints and constants as the JIT would specialise
-    them) for `arch` and read register spills from the cubin with the cuobjdump Triton ships."""
+    them) for `arch` and read register spills from the cubin with the cuobjdump Triton ships.
+    `kv_dtype` ("int8", "float8_e4m3fn") launches the 8-bit pool's variants instead."""
     import importlib
     import tempfile
 
@@ -384,7 +385,9 @@ def _check_compile(arch, head_dim=128, dtypes=("float16", "float32")):
         (decode_mod, "_paged_decode_kernel"),
         (decode_mod, "_merge_splits_kernel"),
         (prefill_mod, "_paged_prefill_kernel"),
+        (prefill_mod, "_paged_prefill_quant_kernel"),
         (write_mod, "_write_kv_kernel"),
+        (write_mod, "_write_kv_quant_kernel"),
     )
     originals = [getattr(module, name) for module, name in targets]
     for (module, name), kernel in zip(targets, originals, strict=True):
@@ -392,17 +395,24 @@ def _check_compile(arch, head_dim=128, dtypes=("float16", "float32")):
     try:
         num_kv_heads, group, block_size = 2, 4, 16
         for dt in map(_dtype, dtypes):
-            k_cache = torch.zeros(8, block_size, num_kv_heads, head_dim, dtype=dt)
+            shape = (8, block_size, num_kv_heads, head_dim)
+            if kv_dtype is None:
+                k_cache, scales = torch.zeros(shape, dtype=dt), {}
+            else:
+                k_cache = torch.zeros(shape, dtype=torch.uint8).view(_dtype(kv_dtype))
+                scales = {"k_scale": torch.zeros(shape[:3], dtype=torch.float16)}
+                scales["v_scale"] = torch.zeros_like(scales["k_scale"])
             v_cache = torch.zeros_like(k_cache)
             q = torch.zeros(4, num_kv_heads * group, head_dim, dtype=dt)
             tables = torch.zeros(4, 8, dtype=torch.int32)
             lens = torch.full((4,), 100, dtype=torch.int32)
-            write_kv(q[:, :num_kv_heads], q[:, :num_kv_heads], k_cache, v_cache, torch.zeros(4, dtype=torch.int64))
+            kv_rows = q[:, :num_kv_heads]
+            write_kv(kv_rows, kv_rows, k_cache, v_cache, torch.zeros(4, dtype=torch.int64), **scales)
             for splits in (1, 2):
                 plan = plan_decode(4, num_kv_heads * group, num_kv_heads, head_dim, 128, "cpu", num_splits=splits)
-                paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1, plan=plan)
+                paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1, plan=plan, **scales)
             starts = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
-            paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, 0.1)
+            paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, 0.1, **scales)
     finally:
         for (module, name), kernel in zip(targets, originals, strict=True):
             setattr(module, name, kernel)
@@ -413,6 +423,8 @@ def _check_compile(arch, head_dim=128, dtypes=("float16", "float32")):
         torch.float32: "fp32",
         torch.int32: "i32",
         torch.int64: "i64",
+        torch.int8: "i8",
+        torch.float8_e4m3fn: "fp8e4nv",
     }
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     usage = {}
@@ -461,7 +473,7 @@ _CHECKS = {
 }
 
 
-def _serve() -> None:
+def _serve(checks: dict = _CHECKS) -> None:
     replies = sys.stdout
     sys.stdout = sys.stderr  # anything a kernel or library prints must not corrupt the replies
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -469,7 +481,7 @@ def _serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            reply = {"result": _CHECKS[request["check"]](**request["params"])}
+            reply = {"result": checks[request["check"]](**request["params"])}
         except Exception:
             reply = {"error": traceback.format_exc()}
         replies.write(json.dumps(reply) + "\n")

@@ -23,9 +23,9 @@ def test_unsupported_architecture_is_named(tmp_path):
 def test_unsupported_rope_scaling_is_named(tmp_path):
     folder = write_random_model(tmp_path / "m", vocab_size=64)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 2.0}
+    cfg["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="longrope"):
+    with pytest.raises(ModelLoadError, match="'dynamic' is not supported"):
         ModelConfig.from_folder(folder)
 
 

@@ -19,6 +19,7 @@ SHIPPED = {
     "cpu",
     "jetson-orin-nano-4gb",
     "jetson-orin-nano-8gb",
+    "jetson-orin-nano-8gb-3b-q4",  # an example: a 3B 4-bit model at 16K (tests/test_example_profile.py)
     "jetson-orin-nx-16gb",
     "jetson-agx-orin-32gb",
     "jetson-agx-orin-64gb",
@@ -106,7 +107,7 @@ BAD = [
     ({"budget": {"safety_margin_gb": 6.0}}, "budget.safety_margin_gb", "less than the budget it is taken from (6 GiB"),
     ({"kv_cache": {"block_size": 12}}, "kv_cache.block_size", "power of two"),
     ({"kv_cache": {"block_size": 0}}, "kv_cache.block_size", "greater than 0"),
-    ({"kv_cache": {"dtype": "float8"}}, "kv_cache.dtype", "'auto', 'float32', 'float16' or 'bfloat16'"),
+    ({"kv_cache": {"dtype": "float8"}}, "kv_cache.dtype", "'bfloat16', 'int8' or 'fp8_e4m3', got 'float8'"),
     ({"model": {"dtype": "int4"}}, "model.dtype", "'float32', 'float16' or 'bfloat16', got 'int4'"),
     ({"device": {"kind": "tpu"}}, "device.kind", "expected 'cpu' or 'cuda', got 'tpu'"),
     ({"device": {"total_memory_gb": -8}}, "device.total_memory_gb", "greater than 0"),

@@ -4,6 +4,9 @@ Each step gathers every sequence's keys and values through its block table into 
 batch (indices built once per step, reused by all layers) and runs one masked SDPA for the
 decodes and one for the prefill chunks. Grouped-query attention needs no K/V expansion: the
 query heads of a group are laid out as extra query rows over the group's one K/V head.
+
+8-bit pools (`QuantizedCache`) are written through `quantize_kv` and gathered through
+`dequantize_kv` into the query's dtype: the same format the Triton kernels write and read.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionBackend, AttentionBatch
+from ..attention import AttentionBackend, AttentionBatch, QuantizedCache, dequantize_kv, quantize_kv
 
 
 @dataclass(slots=True)
@@ -33,6 +36,21 @@ class TorchPrepared:
     num_decode_tokens: int
     decode: _Gather | None
     prefill: _Gather | None
+
+
+@dataclass(slots=True)
+class _Pool:
+    """One layer's K or V pool flattened to slots [num_slots, Hkv, D]; an 8-bit pool as bytes
+    with its scales [num_slots, Hkv] and the codes' dtype."""
+
+    flat: torch.Tensor
+    scale: torch.Tensor | None
+    dtype: torch.dtype | None = None
+
+    def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.scale is None:
+            return self.flat[slots]
+        return dequantize_kv(self.flat[slots].view(self.dtype), self.scale[slots], dtype)
 
 
 def _slots_for(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -82,23 +100,35 @@ class TorchRefBackend(AttentionBackend):
         return TorchPrepared(batch.slot_mapping, batch.num_decode_tokens, decode, prefill)
 
     def forward(self, q, k, v, k_cache, v_cache, prepared: TorchPrepared) -> torch.Tensor:
-        hkv, dim = self.num_kv_heads, self.head_dim
-        k_flat, v_flat = k_cache.view(-1, hkv, dim), v_cache.view(-1, hkv, dim)
-        k_flat.index_copy_(0, prepared.slot_mapping, k)
-        v_flat.index_copy_(0, prepared.slot_mapping, v)
+        keys, values = self._write(k, k_cache, prepared.slot_mapping), self._write(v, v_cache, prepared.slot_mapping)
         nd = prepared.num_decode_tokens
         parts = []
         if prepared.decode is not None:
-            parts.append(self._attend(q[:nd], prepared.decode, k_flat, v_flat))
+            parts.append(self._attend(q[:nd], prepared.decode, keys, values))
         if prepared.prefill is not None:
-            parts.append(self._attend(q[nd:], prepared.prefill, k_flat, v_flat))
+            parts.append(self._attend(q[nd:], prepared.prefill, keys, values))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _attend(self, q: torch.Tensor, g: _Gather, k_flat: torch.Tensor, v_flat: torch.Tensor) -> torch.Tensor:
+    def _write(self, x: torch.Tensor, cache: torch.Tensor | QuantizedCache, slots: torch.Tensor) -> _Pool:
+        """Write this step's rows into their slots; the pool as the gathers will read it."""
+        hkv, dim = self.num_kv_heads, self.head_dim
+        if not isinstance(cache, QuantizedCache):
+            flat = cache.view(-1, hkv, dim)
+            flat.index_copy_(0, slots, x)
+            return _Pool(flat, None)
+        codes, scale = quantize_kv(x, cache.dtype)
+        # Through bytes: torch has no index_copy_ or gather for fp8 on the CPU.
+        flat = cache.data.view(torch.uint8).view(-1, hkv, dim)
+        flat.index_copy_(0, slots, codes.view(torch.uint8))
+        flat_scale = cache.scale.view(-1, hkv)
+        flat_scale.index_copy_(0, slots, scale)
+        return _Pool(flat, flat_scale, cache.dtype)
+
+    def _attend(self, q: torch.Tensor, g: _Gather, k_pool: _Pool, v_pool: _Pool) -> torch.Tensor:
         hq, hkv, dim = self.num_heads, self.num_kv_heads, self.head_dim
         group = hq // hkv
-        keys = k_flat[g.slots].transpose(1, 2)  # [S, Hkv, L, D]
-        values = v_flat[g.slots].transpose(1, 2)
+        keys = k_pool.gather(g.slots, q.dtype).transpose(1, 2)  # [S, Hkv, L, D]
+        values = v_pool.gather(g.slots, q.dtype).transpose(1, 2)
         if g.rows is None:
             qs = q.view(g.num_seqs, 1, hkv, group, dim)
         else:

@@ -5,6 +5,8 @@ step's K/V into their slots, decode attention over the first `num_decode_tokens`
 attention over the rest, both into one output tensor. Everything derived from the batch (the
 split-K plan and its scratch) is made once in `prepare` and shared by every layer, and nothing
 reads a device value back to the host, so a step can run ahead of the GPU or be captured.
+8-bit pools arrive as `QuantizedCache`: the same launches, with the scales passed along (the
+write quantizes, the attention kernels dequantize in registers).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import DecodePlan, paged_decode_attention, paged_prefill_attention, plan_decode, write_kv
-from ..attention import AttentionBackend, AttentionBatch
+from ..attention import AttentionBackend, AttentionBatch, QuantizedCache
 
 
 @dataclass(slots=True)
@@ -44,22 +46,27 @@ class TritonBackend(AttentionBackend):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        k_cache: torch.Tensor | QuantizedCache,
+        v_cache: torch.Tensor | QuantizedCache,
         prepared: TritonPrepared,
     ) -> torch.Tensor:
         batch = prepared.batch
-        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        scales = {}
+        if isinstance(k_cache, QuantizedCache):
+            scales = {"k_scale": k_cache.scale, "v_scale": v_cache.scale}
+            k_cache, v_cache = k_cache.data, v_cache.data
+        write_kv(k, v, k_cache, v_cache, batch.slot_mapping, **scales)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = batch.num_decode_tokens
         if nd:
             paged_decode_attention(
                 q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale,
-                out=out[:nd], plan=prepared.decode_plan,
+                out=out[:nd], plan=prepared.decode_plan, **scales,
             )
         if batch.num_prefills:
             paged_prefill_attention(
                 q[nd:], k_cache, v_cache, batch.prefill_block_tables, batch.prefill_query_start_loc,
                 batch.prefill_context_lens, self.scale, out=out[nd:], max_query_len=batch.max_prefill_query_len,
+                **scales,
             )
         return out

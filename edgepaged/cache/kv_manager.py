@@ -87,11 +87,19 @@ class KVCacheManager:
         if not self.pool.enable_caching:
             return PrefixHit([], 0)
         hits: list[Block] = []
-        for block_hash in self._block_hashes(seq, len(seq.token_ids) // self.block_size):
-            block = self.pool.lookup(block_hash)
-            if block is None:
-                break
-            hits.append(block)
+        num_full = len(seq.token_ids) // self.block_size
+        # Hashed in doubling runs up to the first miss, not the whole prompt: a burst of prompts
+        # waiting on one shared prefix costs one hash each per step, not one per block.
+        run, missed = 1, False
+        while len(hits) < num_full and not missed:
+            hashes = self._block_hashes(seq, min(num_full, len(hits) + run))
+            for block_hash in hashes[len(hits) :]:
+                block = self.pool.lookup(block_hash)
+                if block is None:
+                    missed = True
+                    break
+                hits.append(block)
+            run *= 2
         cached = len(hits) * self.block_size
         if cached < len(seq.token_ids):
             return PrefixHit(hits, cached)

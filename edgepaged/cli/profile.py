@@ -2,7 +2,8 @@
 
 `show` measures the plan when the profile's device is here (the engine loads the model and runs
 its largest step). For a device that is not here it still answers, from the profile's own
-figures: exact weight bytes from the checkpoint's safetensors headers, KV bytes per token from
+figures: exact weight bytes from the checkpoint's headers (safetensors, or a GGUF's tensor table with
+quantized tensors counted packed), KV bytes per token from
 config.json, an analytic activation estimate, and it says which figures were estimated.
 """
 
@@ -76,6 +77,7 @@ def plan_from_figures(profile: DeviceProfile, folder: Path) -> MemoryPlan:
         ESTIMATED_CUDA_OVERHEAD_BYTES,
         dtype_bytes,
         estimate_activation_bytes,
+        kv_token_bytes,
         plan_memory,
     )
     from ..memory.probe import facts_from_profile
@@ -86,28 +88,45 @@ def plan_from_figures(profile: DeviceProfile, folder: Path) -> MemoryPlan:
     plan = plan_memory(
         profile,
         facts_from_profile(profile),
-        weights_bytes=checkpoint_bytes(folder, dtype_bytes(profile.model.dtype)),
+        weights_bytes=checkpoint_bytes(
+            folder, dtype_bytes(profile.model.dtype), profile.model.quantization == "keep" and profile.backend != "tensorrt"
+        ),
         activation_bytes=estimate_activation_bytes(cfg, profile),
         overhead_bytes=ESTIMATED_CUDA_OVERHEAD_BYTES,
-        kv_bytes_per_token=cfg.kv_bytes_per_token(dtype_bytes(profile.kv_dtype)),
+        kv_bytes_per_token=kv_token_bytes(cfg, profile.kv_cache.dtype, profile.model.dtype),
         max_model_len=cfg.max_context,
+        kv_bytes_per_token_16bit=kv_token_bytes(cfg, "float16", profile.model.dtype),
     )
     notes = (
         f"computed from the profile's figures ({profile.device.total_memory_gb:g} GiB); the device is not here to measure",
-        f"weights are exact ({profile.model.dtype} parameter bytes from {folder.name}'s safetensors headers)",
+        f"weights are exact ({profile.model.dtype} parameter bytes, quantized ones packed, from {folder.name}'s checkpoint headers)",
         f"activations are an analytic estimate for {profile.scheduler.max_num_batched_tokens} batched tokens",
         f"runtime overhead is an estimate ({ESTIMATED_CUDA_OVERHEAD_BYTES / GIB:.2f} GiB for the CUDA context)",
     )
     return dataclasses.replace(plan, notes=notes)
 
 
-def checkpoint_bytes(folder: Path, float_bytes: int) -> int:
-    """Parameter bytes of a safetensors checkpoint once its floating tensors are cast to `float_bytes`.
+def checkpoint_bytes(folder: Path, float_bytes: int, keep_quantized: bool = True) -> int:
+    """Weight bytes of a checkpoint once loaded: float tensors cast to `float_bytes`, and a GGUF's
+    or a GPTQ/AWQ folder's quantized tensors in their packed layout (unless `keep_quantized` is off).
 
     Reads only the headers, so a checkpoint of many GB costs nothing to size. Integer tensors are
     buffers (position ids and the like), not weights the model loads, so they are not counted.
     """
     from safetensors import safe_open
+
+    from ..models.loader import gguf_source
+
+    gguf = gguf_source(folder)
+    if gguf is not None:
+        from ..quant import GGUFFile
+
+        return GGUFFile(gguf).tensor_bytes(float_bytes, keep_quantized)
+    from ..quant.hf_int4 import checkpoint_quantization, int4_checkpoint_bytes
+
+    int4 = checkpoint_quantization(folder) if keep_quantized else None
+    if int4 is not None:  # a GPTQ/AWQ folder: its qweight/qzeros are packed, not buffers
+        return int4_checkpoint_bytes(folder, int4, float_bytes)
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:

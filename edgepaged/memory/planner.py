@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from ..attention import KV_QUANT_DTYPES, KV_SCALE_DTYPE
 from ..errors import EdgepagedError
 from ..profiles import GIB, DeviceProfile
 from .probe import DeviceFacts
@@ -61,6 +62,24 @@ class MemoryPlan:
     contiguous_max_seqs: int
     capped_by_max_kv_blocks: bool
     notes: tuple[str, ...] = ()
+    # The pool's element type ("int8", "fp8_e4m3", or the model's dtype) and what a 16-bit pool
+    # would hold in the same budget, the baseline an 8-bit pool is measured against.
+    kv_dtype: str = ""
+    kv_bytes_per_token_16bit: int = 0
+    kv_tokens_16bit: int = 0
+    max_seqs_at_max_len_16bit: int = 0
+
+    @property
+    def kv_ratio_vs_16bit(self) -> float:
+        """Tokens this budget's pool holds over a 16-bit pool's (block rounding included)."""
+        if not self.kv_tokens_16bit:
+            return 1.0
+        fits = (self.budget_bytes - self._fixed_bytes) // self.block_bytes * self.block_size
+        return fits / self.kv_tokens_16bit
+
+    @property
+    def _fixed_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes + self.overhead_bytes + self.safety_margin_bytes
 
     @property
     def block_bytes(self) -> int:
@@ -69,7 +88,16 @@ class MemoryPlan:
     def to_json(self) -> dict:
         out = asdict(self)
         out["notes"] = list(self.notes)
+        out["kv_ratio_vs_16bit"] = round(self.kv_ratio_vs_16bit, 3)
         return out
+
+    def kv_dtype_line(self) -> str:
+        """"int8: 1,234 tokens (x1.94 of 16-bit: 636 tokens), 9 seqs at max len (16-bit: 4)"."""
+        return (
+            f"{self.kv_dtype}: {self.kv_tokens:,} tokens (x{self.kv_ratio_vs_16bit:.2f} of 16-bit: "
+            f"{self.kv_tokens_16bit:,} tokens), {self.max_seqs_at_max_len:,} seqs at max len "
+            f"(16-bit: {self.max_seqs_at_max_len_16bit:,})"
+        )
 
     def format_table(self) -> str:
         memory = "unified, shared with the OS" if self.unified else "discrete"
@@ -88,6 +116,7 @@ class MemoryPlan:
                 f" x {self.kv_bytes_per_token:,} B/token" + (" (capped by max_kv_blocks)" if self.capped_by_max_kv_blocks else ""),
             ),
             ("KV tokens", f"{self.kv_tokens:,}"),
+            *([("KV cache", self.kv_dtype_line())] if self.kv_dtype else []),
             ("max model len", f"{self.max_model_len:,}"),
             ("max running seqs", f"{self.max_num_seqs:,}"),
             ("seqs at max len", f"{self.max_seqs_at_max_len:,} (paged; shorter sequences take only the blocks they fill)"),
@@ -109,11 +138,14 @@ def plan_memory(
     kv_bytes_per_token: int,
     max_kv_blocks: int | None = None,
     max_model_len: int | None = None,
+    kv_bytes_per_token_16bit: int | None = None,
 ) -> MemoryPlan:
     """The plan for `profile` on a device described by `facts`.
 
     `max_model_len` is the model's own limit when it is shorter than the profile's;
     `max_kv_blocks` caps the pool (tests, benchmarks) without changing the budget.
+    `kv_bytes_per_token` is the pool's real figure (`kv_token_bytes`: 8-bit codes plus their
+    scales); `kv_bytes_per_token_16bit`, the same model's in 16 bits, sizes the comparison.
     """
     if max_kv_blocks is not None and max_kv_blocks < 1:
         raise ValueError(f"max_kv_blocks must be at least 1, got {max_kv_blocks}")
@@ -148,6 +180,8 @@ def plan_memory(
             f"less than one sequence of max_model_len {max_len:,} ({blocks_per_seq} blocks of {block_size}); "
             f"lower scheduler.max_model_len to at most {fits:,} or raise the budget."
         )
+    block_bytes_16 = block_size * (kv_bytes_per_token_16bit or kv_bytes_per_token)
+    blocks_16 = (budget - fixed) // block_bytes_16
     capped = max_kv_blocks is not None and max_kv_blocks < num_blocks
     if capped:
         num_blocks = max_kv_blocks
@@ -173,6 +207,10 @@ def plan_memory(
         max_seqs_at_max_len=num_blocks // blocks_per_seq,
         contiguous_max_seqs=pool // (max_len * kv_bytes_per_token),
         capped_by_max_kv_blocks=capped,
+        kv_dtype=profile.kv_dtype,
+        kv_bytes_per_token_16bit=kv_bytes_per_token_16bit or kv_bytes_per_token,
+        kv_tokens_16bit=blocks_16 * block_size,
+        max_seqs_at_max_len_16bit=blocks_16 // blocks_per_seq,
     )
 
 
@@ -187,8 +225,26 @@ class ModelShape(Protocol):
     vocab_size: int
 
 
+class KVShape(Protocol):
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
 def dtype_bytes(name: str) -> int:
     return getattr(torch, name).itemsize
+
+
+def kv_token_bytes(shape: KVShape, kv_dtype: str, model_dtype: str) -> int:
+    """K and V bytes one token takes in every layer: `kv_dtype` "auto" is the model's dtype; an
+    8-bit pool ("int8", "fp8_e4m3") takes one byte per element plus one KV_SCALE_DTYPE scale per
+    (layer, K or V, head). At head dim 64 that is 66 bytes a head against 128 in 16 bits: 1.94x
+    the tokens in the same pool."""
+    if kv_dtype in KV_QUANT_DTYPES:
+        per_head = shape.head_dim * KV_QUANT_DTYPES[kv_dtype].itemsize + KV_SCALE_DTYPE.itemsize
+    else:
+        per_head = shape.head_dim * dtype_bytes(model_dtype if kv_dtype == "auto" else kv_dtype)
+    return 2 * shape.num_layers * shape.num_kv_heads * per_head
 
 
 def estimate_activation_bytes(shape: ModelShape, profile: DeviceProfile) -> int:

@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over a paged KV cache.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3/Phi-4-mini, SmolLM) over a
+paged KV cache.
 
 The model sees a flat batch of tokens from many sequences at once; where each token's keys and
 values live, and what it may attend to, is the attention backend's business. q/k/v and
@@ -8,6 +9,10 @@ On CUDA the elementwise work between the matmuls (residual add + RMSNorm, rope, 
 runs as one Triton kernel each instead of a chain of eager ops, and the residual stream travels
 beside the hidden states so the add fuses into the next norm. The CPU path keeps the eager ops,
 which match transformers bit for bit; the choice is made once, at construction.
+
+The families differ only in attention: Qwen3 RMS-normalises each q and k head before rope
+(`q_norm`/`k_norm`), and Phi-4-mini rotates only the first `rotary_dim` dims of each head
+(partial rotary; the rope tables are that wide), on both paths.
 """
 
 from __future__ import annotations
@@ -35,14 +40,29 @@ def _param(*shape: int, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias. A dense weight is a tensor; a quantized one (edgepaged.quant) is an
+    object that runs its own kernel, so the model code is the same for every weight format."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight.linear(x, bias)
+
+
+def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
+    """The rows of `weight` for `ids`, dequantized when the weight is quantized."""
+    return F.embedding(ids, weight) if isinstance(weight, torch.Tensor) else weight.embedding(ids)
+
+
 class Linear(nn.Module):
+    """`weight` is a dense parameter, or the quantized weight the loader put in its place."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -63,8 +83,12 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, 1, head_dim]."""
-    half = x.shape[-1] // 2
+    """x: [T, heads, head_dim]; cos/sin: [T, 1, rotary_dim]. Dims past rotary_dim (partial
+    rotary) pass through unchanged, as in transformers' apply_rotary_pos_emb."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim != x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
+    half = rotary_dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
@@ -77,27 +101,42 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, dtype, device)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.o_bias, dtype, device)
+        # Qwen3: RMSNorm over each head's dims, one weight shared by all q heads, one by all k heads.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.rotary_dim = cfg.rotary_dim
         self.backend = backend
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D]: views of the fused projection's output."""
+        t, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
 
     def forward(self, x, cos, sin, k_cache, v_cache, prepared) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._heads(self.qkv_proj(x))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.backend.forward(q, k, v, k_cache, v_cache, prepared)
         return self.o_proj(out.reshape(t, self.q_size))
 
     def forward_fused(self, x, positions, cos_table, sin_table, k_cache, v_cache, prepared) -> torch.Tensor:
-        """Rope applied in place on the QKV output, the tables indexed by position in the kernel."""
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        _kernels().rotary_embedding_(q, k, positions, cos_table, sin_table)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        """Rope applied in place on the QKV output, the tables indexed by position in the kernel.
+
+        Qwen3's q/k norms run first, through the fused norm kernel with no residual, one head
+        per row (q and k are strided views of the QKV output, so flattening them copies once);
+        rope then rotates the normalised copies in place. Under partial rotary the kernel gets
+        the leading `rotary_dim` of each head as a strided view, the tables that wide."""
+        q, k, v = self._heads(self.qkv_proj(x))
+        if self.q_norm is not None:
+            q = self.q_norm.forward_fused(q.reshape(-1, self.head_dim), None)[0].view(q.shape)
+            k = self.k_norm.forward_fused(k.reshape(-1, self.head_dim), None)[0].view(k.shape)
+        rd = self.rotary_dim
+        _kernels().rotary_embedding_(q[..., :rd], k[..., :rd], positions, cos_table, sin_table)
         out = self.backend.forward(q, k, v, k_cache, v_cache, prepared)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -138,23 +177,29 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device, max_positions: int):
+    def __init__(
+        self, cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device, max_positions: int,
+        weights_device: torch.device | str | None = None,
+    ):
+        """`weights_device="meta"` allocates no weights: the loader then puts each in place, dense
+        or quantized (models/weights.py), so a quantized checkpoint never has a dense copy."""
         super().__init__()
         self.config = cfg
         self.fused = torch.device(device).type == "cuda"
         if self.fused:
             _kernels()  # a missing or broken Triton fails the load, not the first step
-        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, dtype, device) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions, device)
+        wdev = device if weights_device is None else weights_device
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=wdev)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, dtype, wdev) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, wdev)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=wdev)
+        cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, max_positions, device)
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, prepared) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for a flat batch of T tokens."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = embedding(input_ids, self.embed_tokens)
         if self.fused:
             residual = None
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
@@ -169,5 +214,4 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight)
+        return linear(hidden, self.embed_tokens if self.lm_head is None else self.lm_head)

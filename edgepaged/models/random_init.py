@@ -18,6 +18,20 @@ import torch
 
 RANDOM_WEIGHTS_MARKER = "edgepaged-random-weights.json"
 
+
+def _longrope_scaling(pairs: int) -> dict[str, Any]:
+    """Phi-3.5/Phi-4-mini style longrope: short factors near 1, long ones growing with the
+    wavelength (as the released ones do), one per rotary frequency pair."""
+    return dict(
+        rope_type="longrope",
+        short_factor=[round(1.0 + 0.05 * i, 4) for i in range(pairs)],
+        long_factor=[round(1.0 + 4.0 * i, 4) for i in range(pairs)],
+    )
+
+
+# Phi3Config's default special ids (32000) lie outside a test vocabulary.
+_SMALL_VOCAB_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
@@ -36,6 +50,27 @@ SHAPES: dict[str, dict[str, Any]] = {
         vocab_size=128256,
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),
+    ),
+    # Qwen3-0.6B's layout: q/k norms, head_dim set apart from hidden/heads, tied, no qkv bias.
+    "tiny-qwen3": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+        use_sliding_window=False,
+    ),
+    # Phi-3.5-mini's layout: fused qkv/gate_up, full-head rope, longrope, untied, no GQA.
+    "tiny-phi3": dict(
+        architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_scaling=_longrope_scaling(pairs=8), **_SMALL_VOCAB_IDS,
+    ),
+    # Phi-4-mini's layout: as Phi-3.5 plus partial rotary (0.75 of each head), GQA, tied.
+    "tiny-phi4mini": dict(
+        architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=128, intermediate_size=192,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        partial_rotary_factor=0.75, rope_scaling=_longrope_scaling(pairs=12), **_SMALL_VOCAB_IDS,
     ),
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from edgepaged.rag.layout import (
 )
 from edgepaged.rag.retrieve import DEFAULT_MIN_SCORE, Hit, Retriever
 from edgepaged.rag.store import RagStore
-from edgepaged.sampling import SamplingParams
+from edgepaged.sampling import OutputKind, SamplingParams
 
 
 @dataclass(slots=True)
@@ -162,7 +163,9 @@ class RagPipeline:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[str]:
         """Run token-id prompts to completion on the engine, all in flight together."""
-        params = params or SamplingParams(temperature=0.0, max_tokens=256)
+        params = dataclasses.replace(
+            params or SamplingParams(temperature=0.0, max_tokens=256), output_kind=OutputKind.FINAL_ONLY
+        )
         ids = [f"rag-{id(self):x}-{next(self._request_ids)}" for _ in prompts]
         for request_id, token_ids in zip(ids, prompts):
             self.engine.add_request(request_id, token_ids, params)

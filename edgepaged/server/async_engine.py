@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from edgepaged.engine import LLMEngine
-from edgepaged.outputs import EngineStats, RequestOutput
+from edgepaged.outputs import EngineStats, RequestOutput, merge_deltas
 from edgepaged.sampling import SamplingParams
 from edgepaged.server.metrics import QueueState
 
@@ -111,8 +111,8 @@ class _Waiting:
 class RequestStream:
     """The outputs of one request, as an async iterator; `close()` aborts it if unfinished.
 
-    Outputs are cumulative, so when the consumer falls behind only the newest one matters:
-    each step returns the latest output queued, and a slow client never makes the queue grow.
+    Outputs are deltas (OutputKind.DELTA): when the consumer falls behind, the outputs queued
+    meanwhile are merged into one, so a slow client gets everything in fewer, larger pieces.
     """
 
     def __init__(self, owner: AsyncEngine, request_id: str, outputs: asyncio.Queue[RequestOutput | BaseException]):
@@ -129,7 +129,8 @@ class RequestStream:
             raise StopAsyncIteration
         item = await self._outputs.get()
         while not self._outputs.empty() and not isinstance(item, BaseException):
-            item = self._outputs.get_nowait()
+            later = self._outputs.get_nowait()
+            item = later if isinstance(later, BaseException) else merge_deltas(item, later)
         if isinstance(item, BaseException):
             self._done = True
             raise item

@@ -129,7 +129,7 @@ class ServerMetrics:
 
 @dataclass(slots=True)
 class RequestTimer:
-    """Follows one request's cumulative outputs and observes its latencies.
+    """Follows one request's delta outputs and observes its latencies.
 
     Outputs may arrive coalesced (several tokens at once when the client or loop lagged); the
     gap is then spread evenly over the new tokens, so the histogram still counts one sample
@@ -139,13 +139,14 @@ class RequestTimer:
     metrics: ServerMetrics
     arrival: float
     last_token_time: float | None = None
-    tokens_seen: int = 0
     outcome: str = field(default="abort")
 
     def observe(self, output: RequestOutput) -> None:
+        """One delta output (OutputKind.DELTA): its new tokens, as many for each choice."""
         now = time.perf_counter()
-        tokens = max((len(c.token_ids) for c in output.outputs), default=0)
-        new = tokens - self.tokens_seen
+        new = max((len(c.token_ids) for c in output.outputs), default=0)
+        if output.finished:
+            self.outcome = output.outputs[0].finish_reason or "stop"
         if new <= 0:
             return
         if self.last_token_time is None:
@@ -155,9 +156,6 @@ class RequestTimer:
         for _ in range(new):
             self.metrics.itl.observe((now - self.last_token_time) / new)
         self.last_token_time = now
-        self.tokens_seen = tokens
-        if output.finished:
-            self.outcome = output.outputs[0].finish_reason or "stop"
 
     def finish(self) -> None:
         """Record the outcome; a request that never finished was aborted (client gone, drain)."""

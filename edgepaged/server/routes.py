@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from edgepaged.errors import RequestError
 from edgepaged.outputs import RequestOutput, TokenLogprob
 from edgepaged.rag import NoRelevantChunks, Source
-from edgepaged.sampling import SamplingParams
+from edgepaged.sampling import OutputKind, SamplingParams
 from edgepaged.server.async_engine import (
     AsyncEngine,
     EngineUnavailable,
@@ -175,6 +175,9 @@ def _prepared(engine: AsyncEngine, body: SamplingRequest, ids: list[int], defaul
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty,
+            # Each step hands over only what is new: building 256 cumulative outputs a step was
+            # most of the engine thread's update at large batches.
+            output_kind=OutputKind.DELTA,
         )
     except ValueError as exc:
         raise RequestError(str(exc)) from None
@@ -202,7 +205,8 @@ def _chat_prepare(engine: AsyncEngine, body: ChatCompletionRequest, messages: li
 
 @dataclass(slots=True)
 class _Choices:
-    """Turns cumulative outputs into per-choice deltas, keeping each choice's text so far."""
+    """Gathers each choice's text, log-probabilities and token count from the engine's delta
+    outputs (OutputKind.DELTA), and hands out what changed."""
 
     n: int
     text: list[str] = field(default_factory=list)
@@ -223,10 +227,11 @@ class _Choices:
         for c in out.outputs:
             if self.finish[c.index] is not None:
                 continue
-            delta = c.text[len(self.text[c.index]) :]
-            self.text[c.index] = c.text
-            self.logprobs[c.index] = c.logprobs
-            self.completion_tokens[c.index] = len(c.token_ids)
+            delta = c.text
+            self.text[c.index] += delta
+            if c.logprobs is not None:
+                self.logprobs[c.index] = (self.logprobs[c.index] or []) + c.logprobs
+            self.completion_tokens[c.index] += len(c.token_ids)
             self.finish[c.index] = c.finish_reason
             if delta or c.finish_reason is not None:
                 changed.append((c.index, delta, c.finish_reason))

@@ -59,8 +59,16 @@ def load_head_weights(
     folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The token embedding and (untied models) the LM head, read alone from the checkpoint."""
+    from ...models.loader import gguf_source
+
     names = ["model.embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
     found: dict[str, torch.Tensor] = {}
+    gguf = gguf_source(folder)
+    if gguf is not None:  # a GGUF's folder: the file itself, dequantized (the engine's layers are float too)
+        from ...quant import GGUFFile
+
+        for t in GGUFFile(gguf).tensors(cfg.num_heads, cfg.num_kv_heads, keep_quantized=False, only=set(names)):
+            found[t.name] = t.value.to(device=device, dtype=dtype)
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for name in set(names) & set(f.keys()):

@@ -1,0 +1,199 @@
+"""The CPU matmuls of packed weights: PyTorch's own int4 and int8 weight-only kernels.
+
+`torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G, scales_and_zeros)` is the fast one
+here (AVX-512/AVX2, bfloat16 activations; its float32 path is not vectorised and is ~10x
+slower, so x is cast to bfloat16 per matmul and the result back). Its conventions, checked
+empirically on torch 2.13 (tests/test_quant.py keeps them checked):
+
+- weights are repacked by `_convert_weight_to_int4pack_for_cpu` from int32 [N, K] values 0..15
+  into uint8 [N, K/2], in blocks of 64 rows: block b is [K, 32] bytes, byte (k, j) holding row
+  64b+j in its low nibble and 64b+32+j in its high one; a last block of B < 64 rows (N must be
+  a multiple of 16) is [K, B/2] bytes, byte (k, j) holding rows 2j (low) and 2j+1 (high);
+- `scales_and_zeros` is [K/G, N, 2] in x's dtype and w = (q - 8) * scale + zero, so
+  zero = offset + 8 * scale; G in {32, 64, 128, 256}.
+
+int8 weights with groups of 32+ run as two int4 matmuls over the same bytes: u = q + 128 =
+16 hi + lo, so w = s q = (hi - 8) 16s + (lo - 8) s + 8s, an exact split (two nibble planes are
+the int8 byte, stored once). Groups of 16 (Q6_K), which the int4 kernel does not take, run one
+`_weight_int8pack_mm` (per-channel scales) per group, summed in float32: exact but slower.
+
+Nothing here keeps the shared layout beside the CPU one: each weight is repacked and the
+source dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import Int4Weight, Int8Weight, unpack_nibbles
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_COMPUTE = torch.bfloat16
+_CHUNK_ROWS = 4096  # rows converted at a time: bounds the int32 scratch the packer needs
+
+
+def int4_supported(n: int, k: int, group_size: int) -> bool:
+    return group_size in INT4_GROUP_SIZES and n % 16 == 0 and k % group_size == 0
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] of 0..15 -> torch's CPU int4 layout, converted in chunks of whole 64-row blocks."""
+    a = q.numpy()
+    chunks = [
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(a[i : i + _CHUNK_ROWS].astype(np.int32)), 1)
+        for i in range(0, a.shape[0], _CHUNK_ROWS)
+    ]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def _int4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Values 0..15, uint8 [len(rows), K], of the given rows of a CPU-layout int4 weight."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    full = n // 64 * 64
+    block, r = rows // 64, rows % 64
+    in_tail = rows >= full
+    tail = n - full
+    base = torch.where(in_tail, full * k // 2, block * 32 * k)
+    stride = torch.where(in_tail, torch.full_like(rows, max(tail // 2, 1)), torch.full_like(rows, 32))
+    within = torch.where(in_tail, (rows - full) // 2, r % 32)
+    shift = torch.where(in_tail, (rows - full) % 2, (r >= 32).long()) * 4
+    idx = base[:, None] + torch.arange(k)[None, :] * stride[:, None] + within[:, None]
+    return (packed.reshape(-1)[idx] >> shift[:, None].to(torch.uint8)) & 0xF
+
+
+def _scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """[N, K/G] each -> [K/G, N, 2] in the compute dtype."""
+    return torch.stack((scales.float(), zeros.float()), dim=-1).transpose(0, 1).contiguous().to(_COMPUTE)
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
+
+
+class CpuWeight(nn.Module):
+    """A packed weight in the CPU kernels' layout: `linear(x, bias)`, `embedding(ids)`, `nbytes`.
+
+    `dtype` is the activations' dtype (what `linear` and `embedding` return), not the storage's.
+    """
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype):
+        super().__init__()
+        self.shape = shape
+        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _finish(self, y: torch.Tensor, bias: torch.Tensor | None, lead: torch.Size) -> torch.Tensor:
+        y = y.to(self.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.view(*lead, self.shape[0])
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self._rows(flat).to(self.dtype).view(*ids.shape, self.shape[1])
+
+
+class CpuInt4(CpuWeight):
+    def __init__(self, w: Int4Weight, dtype: torch.dtype):
+        super().__init__(w.shape, dtype)
+        self.group_size = w.group_size
+        self.register_buffer("packed", _pack_int4(unpack_nibbles(w.qweight)))
+        zeros = w.offsets.float() + 8 * w.scales.float()
+        self.register_buffer("scales_and_zeros", _scales_and_zeros(w.scales, zeros))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = x.reshape(-1, self.shape[1]).to(_COMPUTE)
+        return self._finish(_int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros), bias, x.shape[:-1])
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        q = _int4_rows(self.packed, rows).float() - 8
+        sz = self.scales_and_zeros[:, rows].float()  # [K/G, T, 2]
+        g = self.group_size
+        return q * sz[..., 0].t().repeat_interleave(g, 1) + sz[..., 1].t().repeat_interleave(g, 1)
+
+
+class CpuInt8Planes(CpuWeight):
+    """int8 with groups of 32+ as two int4 matmuls (high and low nibble of q + 128), see the module doc."""
+
+    def __init__(self, w: Int8Weight, dtype: torch.dtype):
+        super().__init__(w.shape, dtype)
+        self.group_size = w.group_size
+        u = w.qweight.numpy().view(np.uint8) ^ 0x80  # q + 128 (flipping the sign bit)
+        self.register_buffer("high", _pack_int4(torch.from_numpy(u >> 4)))
+        self.register_buffer("low", _pack_int4(torch.from_numpy(u & 0xF)))
+        s = w.scales.float()
+        self.register_buffer("sz_high", _scales_and_zeros(16 * s, torch.zeros_like(s)))
+        self.register_buffer("sz_low", _scales_and_zeros(s, 8 * s))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = x.reshape(-1, self.shape[1]).to(_COMPUTE)
+        g = self.group_size
+        y = _int4_mm(x2, self.high, g, self.sz_high).float() + _int4_mm(x2, self.low, g, self.sz_low).float()
+        return self._finish(y, bias, x.shape[:-1])
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        u = _int4_rows(self.high, rows).float() * 16 + _int4_rows(self.low, rows).float()
+        s = self.sz_low[:, rows, 0].float().t().repeat_interleave(self.group_size, 1)
+        return (u - 128) * s
+
+
+class CpuInt8Grouped(CpuWeight):
+    """int8 with any group size: one per-channel int8 matmul per group, summed in float32.
+
+    The weight is kept as [K/G, N, G] (each group's columns contiguous, as the kernel wants
+    them), the scales as [K/G, N]: the same bytes as the shared layout, reordered.
+    """
+
+    def __init__(self, w: Int8Weight, dtype: torch.dtype):
+        super().__init__(w.shape, dtype)
+        n, k = w.shape
+        self.group_size = g = w.group_size
+        self.register_buffer("qweight", w.qweight.view(n, k // g, g).transpose(0, 1).contiguous())
+        self.register_buffer("scales", w.scales.t().contiguous().to(_COMPUTE))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        k, g = self.shape[1], self.group_size
+        groups = x.reshape(-1, k // g, g).to(_COMPUTE)
+        y = torch.zeros(groups.shape[0], self.shape[0], dtype=torch.float32)
+        for i in range(k // g):
+            y += torch.ops.aten._weight_int8pack_mm(groups[:, i].contiguous(), self.qweight[i], self.scales[i])
+        return self._finish(y, bias, x.shape[:-1])
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        q = self.qweight[:, rows].float()  # [K/G, T, G]
+        w = q * self.scales[:, rows].float()[..., None]
+        return w.transpose(0, 1).reshape(rows.shape[0], -1)
+
+
+class CpuDense(CpuWeight):
+    """A packed weight the CPU kernels cannot take (a shape they refuse), dequantized once."""
+
+    def __init__(self, w: Int4Weight | Int8Weight, dtype: torch.dtype):
+        super().__init__(w.shape, dtype)
+        self.register_buffer("weight", w.dequantize().to(dtype))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight[rows]
+
+
+def cpu_weight(w: Int4Weight | Int8Weight, dtype: torch.dtype) -> CpuWeight:
+    """The fastest CPU form of a packed weight."""
+    n, k = w.shape
+    if int4_supported(n, k, w.group_size):
+        return CpuInt4(w, dtype) if isinstance(w, Int4Weight) else CpuInt8Planes(w, dtype)
+    if isinstance(w, Int8Weight) and k % w.group_size == 0:
+        return CpuInt8Grouped(w, dtype)
+    return CpuDense(w, dtype)
