@@ -119,7 +119,15 @@ def _prefill_program(
 # every new width class would compile the kernel again in the middle of serving (~0.6 s, seen
 # as the first burst's TTFT on an H200). The 16-bit entry keeps the parameter list the TensorRT
 # plugin compiles it by (ahead of time, by name); the 8-bit one adds the scales.
-@triton.jit(do_not_specialize=["stride_bt"])
+# The step's prefill rows follow its decode rows, so the backend passes the per-sequence arrays
+# as slices `[num_decodes:]`: their start's 16-byte alignment changes with the number of decodes
+# and the table width. Specialised on it, a live burst compiled a variant warm-up had not (about
+# a second of a first burst's latency, H200); these are a few scalar loads a program, where the
+# alignment hint buys nothing.
+_SLICED = ["block_tables_ptr", "query_start_loc_ptr", "context_lens_ptr"]
+
+
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_SLICED)
 def _paged_prefill_kernel(
     out_ptr,
     q_ptr,
@@ -157,7 +165,7 @@ def _paged_prefill_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_SLICED)
 def _paged_prefill_quant_kernel(
     out_ptr,
     q_ptr,
