@@ -205,7 +205,9 @@ class LightTokenizer:
             return Encoding(input_ids=ids, attention_mask=[1] * len(ids))
         if kwargs:
             raise TypeError(f"unsupported tokenizer arguments: {', '.join(sorted(kwargs))}")
-        enc = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        # encode_batch, not encode: it releases the GIL, so a multi-megabyte prompt tokenized on
+        # the server's tokenizer thread does not stall the event loop (encode held it 1.9 s for 3 MB).
+        (enc,) = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
         out = Encoding(input_ids=enc.ids, attention_mask=enc.attention_mask)
         if return_offsets_mapping:
             out["offset_mapping"] = enc.offsets
@@ -307,7 +309,7 @@ class LightTokenizer:
         return encode(piece)
 
     def _encode_plain(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def _encode_without_added_tokens(self, text: str) -> list[int]:
         backend = self._tokenizer

@@ -18,7 +18,7 @@ from edgepaged.models.config import ModelConfig
 from edgepaged.models.loader import GGUF_LINK
 from edgepaged.quant import ConcatWeight, Int4Weight, cat_rows
 from edgepaged.quant.cpu import CpuInt4, CpuInt8Grouped, CpuInt8Planes, cpu_weight
-from edgepaged.quant.gguf import REPACKERS, gguf_name, hf_name, permute_rope_rows, unpermute_rope_rows
+from edgepaged.quant.gguf import REPACKERS, TensorTable, gguf_name, hf_name, permute_rope_rows, unpermute_rope_rows
 
 FORMATS = {"Q4_0": CpuInt4, "Q4_1": CpuInt4, "Q8_0": CpuInt8Planes, "Q4_K": CpuInt4, "Q6_K": CpuInt8Grouped}
 
@@ -306,3 +306,26 @@ def test_gptq_act_order_permutation_is_refused():
     tensors["g_idx"] = tensors["g_idx"][::-1].copy()
     with pytest.raises(ModelLoadError, match="g_idx"):
         int4_weight(Int4Checkpoint("gptq", 128, False), **tensors)
+
+
+@pytest.mark.parametrize("which", ["written", "default"])
+def test_tensor_table_reads_what_gguf_reader_reads(tmp_path, tokenizer_dir, which, request):
+    """The header-only tensor table (which skips the metadata values) gives the same tensors,
+    types, shapes and bytes as the gguf package's GGUFReader: on a file written here with every
+    block type, and on the default model's, whose metadata holds a 49,152-token vocabulary and
+    its merges (string arrays, nested arrays)."""
+    from gguf import GGUFReader
+
+    from edgepaged.models.loader import gguf_source
+
+    if which == "written":
+        folder = write_gguf_model(tmp_path / "m", RECIPES["q4_k_m"], tokenizer_from=tokenizer_dir, vocab=49152)
+    else:
+        folder = request.getfixturevalue("default_model_dir")
+    path = gguf_source(folder)
+    ours, theirs = TensorTable(path), GGUFReader(str(path))
+    assert ours.metadata["general.architecture"] == "llama"
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == b.tensor_type and a.shape == tuple(int(d) for d in b.shape)
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name

@@ -1,7 +1,7 @@
 """Read a GGUF file's weights as they are stored: block-quantized tensors repacked into the
 shared layouts of formats.py, float tensors as tensors.
 
-The raw bytes come from the `gguf` package's GGUFReader (a memory map: nothing is read twice).
+The raw bytes are views of one memory map of the file (`TensorTable`: nothing is read twice).
 Each GGML block type is a fixed-size record per block along a row; the repackers below turn a
 [N, blocks * record] byte matrix into the [N, ...] tensors of formats.py:
 
@@ -247,19 +247,109 @@ class GGUFTensor:
     value: torch.Tensor | PackedWeight  # float32/f16/bf16 tensor, or a packed weight
 
 
+@dataclass(frozen=True, slots=True)
+class _StoredTensor:
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: the row length first
+    data: np.ndarray  # a view of the memory map, shaped as GGUFReader shapes it
+
+
+# GGUF metadata value types with a fixed size, in bytes (4 is uint32 ... 12 is float64).
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+class TensorTable:
+    """A GGUF file's tensors as views of one memory map, from its header alone.
+
+    The `gguf` package's GGUFReader also parses every metadata value into numpy views: for the
+    default model's 49,152-token vocabulary and merges that was 2-3 s of a 4 s start (2-core
+    x86). Weights need only the tensor table, so the metadata is skipped, reading nothing but
+    the string lengths, and only `general.architecture` and `general.alignment` are kept."""
+
+    def __init__(self, path: Path):
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import quant_shape_to_byte_shape
+
+        self.mm = np.memmap(path, mode="r")
+        self.pos = 0
+        if bytes(self.mm[:4]) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        self.pos = 8  # magic, version
+        n_tensors, n_kv = self._u64(), self._u64()
+        self.metadata: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = self._str()
+            vtype = self._u32()
+            value = self._value(vtype)
+            if key in ("general.architecture", "general.alignment"):
+                self.metadata[key] = value
+        infos = []
+        for _ in range(n_tensors):
+            name = self._str()
+            dims = tuple(self._u64() for _ in range(self._u32()))
+            infos.append((name, dims, GGMLQuantizationType(self._u32()), self._u64()))
+        align = int(self.metadata.get("general.alignment") or 32)
+        start = -(-self.pos // align) * align
+        floats = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+        self.tensors = []
+        for name, dims, kind, offset in infos:
+            n_elems = int(np.prod(dims))
+            block, type_size = GGML_QUANT_SIZES[kind]
+            shape = tuple(reversed(dims))
+            if kind.name in floats:
+                dtype, count = floats[kind.name], n_elems
+            else:
+                dtype, count = np.uint8, n_elems * type_size // block
+                shape = quant_shape_to_byte_shape(shape, kind)
+            at = start + offset
+            data = self.mm[at : at + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+            self.tensors.append(_StoredTensor(name, kind, dims, data))
+
+    def _u32(self) -> int:
+        value = int(self.mm[self.pos : self.pos + 4].view(np.uint32)[0])
+        self.pos += 4
+        return value
+
+    def _u64(self) -> int:
+        value = int(self.mm[self.pos : self.pos + 8].view(np.uint64)[0])
+        self.pos += 8
+        return value
+
+    def _str(self) -> str:
+        n = self._u64()
+        value = bytes(self.mm[self.pos : self.pos + n]).decode("utf-8")
+        self.pos += n
+        return value
+
+    def _value(self, vtype: int):
+        if vtype == _STRING:
+            return self._str()
+        if vtype == _ARRAY:
+            etype, count = self._u32(), self._u64()
+            if etype == _STRING:
+                for _ in range(count):
+                    n = self._u64()  # not `self.pos += self._u64()`: that adds to the old position
+                    self.pos += n
+            elif etype == _ARRAY:
+                for _ in range(count):
+                    self._value(_ARRAY)
+            else:
+                self.pos += _SCALAR_BYTES[etype] * count
+            return None
+        raw = self.mm[self.pos : self.pos + _SCALAR_BYTES[vtype]]
+        self.pos += _SCALAR_BYTES[vtype]
+        return int(raw.view(np.uint32)[0]) if vtype == 4 else None
+
+
 class GGUFFile:
     """A GGUF checkpoint's decoder weights, under Hugging Face names, in their stored format."""
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
-
         self.path = Path(path)
-        self.reader = GGUFReader(str(path))
-        self.architecture = self._field("general.architecture")
-
-    def _field(self, key: str):
-        field = self.reader.fields.get(key)
-        return None if field is None else field.contents()
+        self.reader = TensorTable(self.path)
+        self.architecture = self.reader.metadata.get("general.architecture")
 
     def tensors(
         self, num_heads: int, num_kv_heads: int, keep_quantized: bool = True, only: set[str] | None = None
