@@ -40,7 +40,7 @@ from edgepaged.rag import (
 from edgepaged.sampling import SamplingParams
 from edgepaged.server import systemd
 from edgepaged.server.app import RagCollections, ServerConfig, create_app
-from edgepaged.server.async_engine import AdmissionLimits, AsyncEngine
+from edgepaged.server.async_engine import AdmissionLimits, AsyncEngine, EngineThread
 from edgepaged.server.middleware import HeaderDeadline
 from edgepaged.server.protocol import RequestLimits
 
@@ -194,13 +194,17 @@ def run(opts: ServeOptions) -> None:
             check_rag_indexes(opts.rag, embedder)
         systemd.notify("STATUS=loading the model")
         profile = load_profile(opts.profile)
-        engine = LLMEngine.from_model(opts.model, profile, max_kv_blocks=opts.max_kv_blocks, backend=opts.backend)
-        systemd.notify("STATUS=warming up")
         scheduler = profile.scheduler
-        step_s = warm_up(engine, scheduler.max_num_seqs)
+        # Built, warmed up and (with RAG) pinned on the thread that will step it (EngineThread).
+        engine_thread = EngineThread()
+        engine = engine_thread.call(
+            lambda: LLMEngine.from_model(opts.model, profile, max_kv_blocks=opts.max_kv_blocks, backend=opts.backend)
+        )
+        systemd.notify("STATUS=warming up")
+        step_s = engine_thread.call(lambda: warm_up(engine, scheduler.max_num_seqs))
         rag = None
         if embedder is not None:
-            rag = open_rag(engine, opts.rag, opts.rag_pin, embedder)
+            rag = engine_thread.call(lambda: open_rag(engine, opts.rag, opts.rag_pin, embedder))
             embedder.embed(["warm-up"])  # loads the embedding weights now, not at the first question
         bound = queue_bound(scheduler.max_num_seqs, step_s, opts.max_queue_wait, scheduler.max_waiting_requests)
         limits = AdmissionLimits(
@@ -211,7 +215,7 @@ def run(opts: ServeOptions) -> None:
             "decode step %.0f ms with %d sequences: up to %d requests wait (%d for a %.0f s wait)",
             step_s * 1000, scheduler.max_num_seqs, limits.max_waiting_requests, bound, opts.max_queue_wait,
         )
-        async_engine = AsyncEngine(engine, limits)
+        async_engine = AsyncEngine(engine, limits, engine_thread)
         config = ServerConfig(
             served_model_names=[opts.served_model_name or engine.model_name],
             api_key=opts.api_key,
