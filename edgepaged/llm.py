@@ -4,7 +4,6 @@ of a one-shot command, sized to the job it runs."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 from pathlib import Path
 from typing import Sequence
@@ -14,16 +13,6 @@ from .models.loader import display_name, resolve_model
 from .outputs import EngineStats, RequestOutput
 from .profiles import DeviceProfile, load_profile
 from .sampling import OutputKind, SamplingParams
-
-
-def freeze_startup_heap() -> None:
-    """For a process that serves one engine from here on (a server, a benchmark): a full
-    garbage collection walks every object torch, transformers and the model made (120 ms on a
-    2-core box) and would land inside whichever step triggers it. Frozen, that heap is never
-    walked again. Not done per engine: an engine dropped after freezing keeps any reference
-    cycle it is part of, and its KV pool with it."""
-    gc.collect()
-    gc.freeze()
 
 
 def engine_for_job(

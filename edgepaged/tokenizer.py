@@ -287,8 +287,8 @@ class LightTokenizer:
         markers = _control_token_patterns(tuple(self.added_tokens_encoder))[1]
         pieces = markers.split(chat)  # [text, marked token or None, text, ...]
         if self._newline_ids is None:
-            self._newline_ids = self._tokenizer.encode("\n", add_special_tokens=False).ids
-        ids = self._tokenizer.encode(pieces[0], add_special_tokens=False).ids
+            self._newline_ids = self._encode_plain("\n")
+        ids = self._encode_plain(pieces[0])
         for i, piece in enumerate(pieces[1:], start=1):
             if not piece:
                 continue
@@ -309,6 +309,7 @@ class LightTokenizer:
         return encode(piece)
 
     def _encode_plain(self, text: str) -> list[int]:
+        """Ids without special tokens, the GIL released while the Rust side encodes (see __call__)."""
         return self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def _encode_without_added_tokens(self, text: str) -> list[int]:
