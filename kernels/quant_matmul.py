@@ -1,7 +1,7 @@
 """Weight-only quantized linear layers: W4A16 (int4 weights with per-group scale and offset) and
 W8A16 (int8 weights with a per-group scale), activations and outputs in fp16/bf16 (or fp32).
 
-Packed layout (the loaders write exactly this; see `quant_reference` for the float meaning):
+Packed layout (the loaders write exactly this; `edgepaged.quant.formats` holds it and its dequantisation):
 - int4: `qweight` uint8 [N, K/2], byte j of row n holds k=2j in its low nibble and k=2j+1 in its
   high nibble; `scales`, `offsets` [N, K/G]; w[n, k] = q * scales[n, k/G] + offsets[n, k/G], q 0..15.
 - int8: `qweight` int8 [N, K]; `scales` [N, K/G]; w[n, k] = q * scales[n, k/G].
@@ -31,6 +31,7 @@ and the measured copy bandwidth: the place to start if a card wants other tiles.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -39,14 +40,29 @@ import triton.language as tl
 
 from .paged_decode import _sm_count, dot_precision
 
-DECODE_MAX_TOKENS = 16  # T above this goes to the dequantizing GEMM
+DECODE_MAX_TOKENS = 16  # T above this goes to the prefill paths
+# From this T on, the weight is dequantized into a dense scratch matrix and cuBLAS runs the GEMM
+# (see `_dequantized_linear`). On an H200 that beat the fused dequantizing GEMM at every T from 32
+# to 1024 on the 1B shape's layers (qkv at T=32: 12 us against 46; gate_up at T=1024: 119
+# against 416), since a register-dequantized operand keeps Hopper's tl.dot off its fastest
+# path; so on sm_90+ it starts right after decode. Elsewhere (Ampere/Ada/Orin, not measured yet:
+# there the fused GEMM's mma path is closer to cuBLAS and the extra 2.5 bytes a weight cost more
+# of a Jetson's bandwidth) it starts at 128 tokens. docs/benchmarks/kernels-notes.md.
+DENSE_MIN_TOKENS = {9: DECODE_MAX_TOKENS + 1}
+DENSE_MIN_TOKENS_DEFAULT = 128
 # int4 at G=16 (8 bytes a group) computed wrong on an H200 in the tensor-core decode path while the
 # interpreter passed it; no int4 format needs it (GGUF's are 32, GPTQ/AWQ's 128), so it is refused.
 _GROUP_SIZES = {4: (32, 64, 128), 8: (16, 32, 64, 128)}
-# Decode at T = 1: 16 rows x 128 bytes of packed weights per iteration (2 KiB over 4 warps, one
-# 16-byte vector load per thread); 2 <= T <= 16: 32 rows x ~128 weights per iteration.
-_GEMV_ROWS, _GEMV_ROW_BYTES = 16, 128
-_DOT_ROWS, _DOT_K = 32, 128
+# The dequantize kernel's tile: 32 rows x 256 weights (4 KiB of packed int4 over 4 warps).
+_DEQUANT_ROWS, _DEQUANT_K = 32, 256
+# The decode tiles, from scripts/tune_quant_gpu.py's search on an H200 (2026-12-03; every layer of
+# the 1B shape, int4 g32/g128 and int8 g32; docs/benchmarks/quant-tune-h200-2026-12-03.md):
+# T = 1: 4 rows x 512 bytes of packed weights per iteration, one program per 4 output features
+# (N/4 programs: enough loads in flight without splitting K under 4,096 weights); 4 warps for
+# int4, 8 for int8. 2 <= T <= 16: 64 rows x 128 weights per iteration, split K into 512-weight
+# slices while the grid is under _PROGRAMS_PER_SM programs per SM, 2 warps (4 at G=128).
+_GEMV_ROWS, _GEMV_ROW_BYTES, _GEMV_MIN_SPLIT_K = 4, 512, 4096
+_DOT_ROWS, _DOT_K = 64, 128
 # Split K while the N-parallel grid is under _PROGRAMS_PER_SM programs per SM (a memory-bound
 # kernel needs several resident per SM to keep enough loads in flight), never into slices under
 # _MIN_SPLIT_K weights (each split costs T*N*4 bytes of fp32 partials, written and read once).
@@ -266,12 +282,39 @@ def _quant_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _dequantize_kernel(
+    q_ptr, scales_ptr, offsets_ptr, w_ptr, N, num_groups,
+    stride_qn, stride_sn, stride_on, stride_wn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+):
+    """w[n, k] = q[n, k] * s[n, k/G] (+ o[n, k/G]) for a [BLOCK_N, GROUPS_PER_ITER * GROUP] tile."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gs = tl.program_id(1) * GROUPS_PER_ITER + tl.arange(0, GROUPS_PER_ITER)
+    GROUP_BYTES: tl.constexpr = GROUP * BITS // 8
+    mask = (offs_n < N)[:, None] & (gs < num_groups)[None, :]
+    rows = offs_n.to(tl.int64)
+    packed = tl.load(
+        q_ptr + rows[:, None, None] * stride_qn + gs[None, :, None] * GROUP_BYTES + tl.arange(0, GROUP_BYTES)[None, None, :],
+        mask=mask[:, :, None], other=0,
+    )
+    s = tl.load(scales_ptr + rows[:, None] * stride_sn + gs[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = _unpack(packed, BITS).to(tl.float32) * s[:, :, None]
+    if HAS_OFFSETS:
+        w += tl.load(offsets_ptr + rows[:, None] * stride_on + gs[None, :], mask=mask, other=0.0).to(tl.float32)[:, :, None]
+    cols = gs[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+    tl.store(w_ptr + rows[:, None, None] * stride_wn + cols, w.to(w_ptr.dtype.element_ty), mask=mask[:, :, None])
+
+
 class QuantDecodePlan(NamedTuple):
     block_t: int  # 1: the FMA path; 16: tokens padded to one tl.dot tile
     block_n: int  # output features per program
     groups_per_iter: int  # quantization groups a program loads per loop iteration
     groups_per_split: int  # groups in each K slice
     splits: int  # K slices (programs along grid axis 1); > 1 adds the merge kernel
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def plan_quant_decode(
@@ -286,24 +329,27 @@ def plan_quant_decode(
 ) -> QuantDecodePlan:
     """Tiles and K split of a decode launch (1 <= T <= 16). Splits K only while the N-parallel
     grid has fewer than _PROGRAMS_PER_SM programs per SM, never into slices under _MIN_SPLIT_K
-    weights: an H200 (132 SMs) cuts K=2048 in 4 for N=2048 at T=1 and leaves N=16384 whole; an
-    Orin (8-16 SMs) rarely splits. `split_k` forces the count (tests); slices are whole
+    weights (4,096 at T = 1): an H200 (132 SMs) cuts the 1B shape's down projection (K=8192) in 2
+    at T=1 and its K=2048 layers in 3-4 at T=16; an Orin (8-16 SMs) rarely splits. `split_k` forces the count (tests); slices are whole
     iterations where they can be, so the count may come out lower."""
+    fp32 = dtype == torch.float32
     if num_tokens == 1:
-        block_t, block_n = 1, _GEMV_ROWS
+        block_t, block_n, min_split = 1, _GEMV_ROWS, _GEMV_MIN_SPLIT_K
         groups_per_iter = max(1, _GEMV_ROW_BYTES * 8 // bits // group_size)
-    else:  # fp32 dots run on the FMA units, operands in registers: half the rows (and 8 warps)
-        block_t, block_n = 16, _DOT_ROWS if dtype != torch.float32 else _DOT_ROWS // 2
+        num_warps, num_stages = (4 if bits == 4 else 8), 2
+    else:  # fp32 dots run on the FMA units, operands in registers: 16 rows and 8 warps
+        block_t, block_n, min_split = 16, 16 if fp32 else _DOT_ROWS, _MIN_SPLIT_K
         groups_per_iter = max(1, _DOT_K // group_size)
+        num_warps, num_stages = (8 if fp32 else 2 if group_size <= 32 else 4), 3
     num_groups = k // group_size
     if split_k is None:
         wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(torch.device(device)), triton.cdiv(n, block_n))
-        split_k = min(wanted, k // _MIN_SPLIT_K, _MAX_SPLITS)
+        split_k = max(1, min(wanted, k // min_split, _MAX_SPLITS))
     groups_per_split = triton.cdiv(num_groups, max(1, min(split_k, num_groups)))
     if groups_per_split >= groups_per_iter:
         groups_per_split = triton.cdiv(groups_per_split, groups_per_iter) * groups_per_iter
     splits = triton.cdiv(num_groups, groups_per_split)
-    return QuantDecodePlan(block_t, block_n, groups_per_iter, groups_per_split, splits)
+    return QuantDecodePlan(block_t, block_n, groups_per_iter, groups_per_split, splits, num_warps, num_stages)
 
 
 def _check(x, qweight, scales, offsets, group_size, bias, bits) -> tuple[int, int]:
@@ -330,9 +376,14 @@ def _check(x, qweight, scales, offsets, group_size, bias, bits) -> tuple[int, in
     return n, k
 
 
-def _quant_linear(x, qweight, scales, offsets, group_size, bias, bits, split_k):
+def _quant_linear(x, qweight, scales, offsets, group_size, bias, bits, split_k, plan=None):
+    """Dispatch by T: the decode kernel up to DECODE_MAX_TOKENS, the dequantizing GEMM below
+    `dense_min_tokens`, and from there the weight dequantized once into a dense scratch matrix
+    for cuBLAS (see `_dequantized_linear`). `plan` overrides the decode rules (the tuner)."""
     n, k = _check(x, qweight, scales, offsets, group_size, bias, bits)
     num_tokens = x.shape[0]
+    if num_tokens >= dense_min_tokens(x.device):
+        return _dequantized_linear(x, qweight, scales, offsets, group_size, bias, bits)
     out = torch.empty(num_tokens, n, dtype=x.dtype, device=x.device)
     if num_tokens == 0 or n == 0:
         return out
@@ -366,7 +417,8 @@ def _quant_linear(x, qweight, scales, offsets, group_size, bias, bits, split_k):
         )
         return out
 
-    plan = plan_quant_decode(num_tokens, n, k, group_size, bits, x.device, split_k, x.dtype)
+    if plan is None:
+        plan = plan_quant_decode(num_tokens, n, k, group_size, bits, x.device, split_k, x.dtype)
     splits = plan.splits
     partial = torch.empty(splits, num_tokens, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     _quant_gemv_kernel[(triton.cdiv(n, plan.block_n), splits)](
@@ -378,8 +430,8 @@ def _quant_linear(x, qweight, scales, offsets, group_size, bias, bits, split_k):
         BLOCK_T=plan.block_t,
         HAS_BIAS=bias is not None,
         SPLIT=splits > 1,
-        num_warps=8 if plan.block_t > 1 and x.dtype == torch.float32 else 4,
-        num_stages=2,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     if splits > 1:
         merge_n = min(1024, triton.next_power_of_2(n))
@@ -390,6 +442,47 @@ def _quant_linear(x, qweight, scales, offsets, group_size, bias, bits, split_k):
             num_warps=4,
         )
     return out
+
+
+def dense_min_tokens(device: torch.device) -> int:
+    """The T from which a prefill dequantizes for cuBLAS on this device (see DENSE_MIN_TOKENS)."""
+    if device.type != "cuda":
+        return DENSE_MIN_TOKENS_DEFAULT
+    return DENSE_MIN_TOKENS.get(_capability_major(device), DENSE_MIN_TOKENS_DEFAULT)
+
+
+@functools.cache
+def _capability_major(device: torch.device) -> int:
+    return min(9, torch.cuda.get_device_capability(device)[0])
+
+
+def dequantize(qweight, scales, offsets, group_size: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The packed weight as a dense [N, K] matrix in `dtype` (one pass: reads the packed bytes
+    and scales once, writes 2 or 4 bytes a weight)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+    w = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    has_offsets = offsets is not None
+    offsets_arg = offsets if has_offsets else scales  # never read
+    # fp32 output holds twice the bytes per weight in registers: half the tile (no spills on sm_87).
+    groups_per_iter = max(1, _DEQUANT_K // (2 if dtype == torch.float32 else 1) // group_size)
+    grid = (triton.cdiv(n, _DEQUANT_ROWS), triton.cdiv(k // group_size, groups_per_iter))
+    _dequantize_kernel[grid](
+        qweight, scales, offsets_arg, w, n, k // group_size,
+        qweight.stride(0), scales.stride(0), offsets_arg.stride(0), w.stride(0),
+        BITS=bits, GROUP=group_size, GROUPS_PER_ITER=groups_per_iter, BLOCK_N=_DEQUANT_ROWS,
+        HAS_OFFSETS=has_offsets, num_warps=4,
+    )
+    return w
+
+
+def _dequantized_linear(x, qweight, scales, offsets, group_size, bias, bits):
+    """Prefill of many tokens: dequantize the weight into a scratch matrix in x's dtype, then
+    cuBLAS. The extra traffic (about 2.5 bytes a weight for int4) is paid once per call and
+    amortised over T rows, while cuBLAS's tensor-core GEMM is several times faster than the
+    fused dequantizing GEMM at large T. The scratch matrix is a transient allocation, so the
+    memory profiler's run at the largest batch measures it in the activation peak."""
+    w = dequantize(qweight, scales, offsets, group_size, bits, x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
 
 
 def w4a16_linear(

@@ -1,9 +1,10 @@
 """Plain PyTorch references for the weight-only quantized linears of `quant_matmul`, and a
 round-to-nearest quantizer that packs float weights into their layout.
 
-The references dequantize the whole weight to float32 and call F.linear in float32: slow and
-memory-hungry, but obviously right, and usable as a CPU fallback (cast the result to the
-activation dtype). The quantizer is for tests and benchmarks (asymmetric min/max per group for
+The references dequantize the whole weight to float32 with the layout's own dequantisation
+(`edgepaged.quant.formats`, the one the loaders and the CPU path use, so the kernels are held to
+the same meaning of the bytes) and call F.linear in float32: slow and memory-hungry, but
+obviously right. The quantizer is for tests and benchmarks (asymmetric min/max per group for
 int4, symmetric absmax for int8); loaders produce the same layout from GGUF/AWQ/GPTQ tensors.
 """
 
@@ -12,34 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _per_group(t: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N, K/G] -> [N, K] float32, each group's value repeated over its G columns."""
-    return t.float().repeat_interleave(group_size, dim=1)
-
-
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> torch.Tensor:
-    """uint8 [N, K/2] (k = 2j in the low nibble of byte j, 2j+1 in the high one) -> float32 [N, K]:
-    w = q * scale + offset of the element's group."""
-    low, high = (qweight & 0xF), (qweight >> 4)
-    q = torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1).float()
-    return q * _per_group(scales, group_size) + _per_group(offsets, group_size)
-
-
-def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """int8 [N, K] -> float32 [N, K]: w = q * scale of the element's group."""
-    return qweight.float() * _per_group(scales, group_size)
+from edgepaged.quant.formats import Int4Weight, Int8Weight
 
 
 def w4a16_linear_ref(x, qweight, scales, offsets, group_size, bias=None) -> torch.Tensor:
     """x [T, K] times the dequantized int4 weight, float32 [T, N]."""
-    w = dequantize_int4(qweight, scales, offsets, group_size)
+    w = Int4Weight(qweight, scales, offsets, group_size).dequantize()
     return F.linear(x.float(), w, None if bias is None else bias.float())
 
 
 def w8a16_linear_ref(x, qweight, scales, group_size, bias=None) -> torch.Tensor:
     """x [T, K] times the dequantized int8 weight, float32 [T, N]."""
-    w = dequantize_int8(qweight, scales, group_size)
+    w = Int8Weight(qweight, scales, group_size).dequantize()
     return F.linear(x.float(), w, None if bias is None else bias.float())
 
 

@@ -189,21 +189,51 @@ class TritonCompiles:
         knobs.runtime.jit_post_compile_hook = self._previous
 
 
+class GcPauses:
+    """Python's garbage collections while the block runs, per generation: a collection lands
+    inside whichever step allocates the object that triggers it, on some request's latency."""
+
+    def __enter__(self):
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._t = 0.0
+        gc.callbacks.append(self._note)
+        return self
+
+    def _note(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._t)
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._note)
+
+    def summary(self) -> dict:
+        return {f"gen{g}": {"count": len(v), "ms": round(1e3 * sum(v), 2), "max_ms": round(1e3 * max(v, default=0), 2)}
+                for g, v in self.pauses.items()}
+
+
+RAG_ROUNDS = 4
+
+
 def rag_burst(engine, vocab: int) -> list[dict]:
+    """The burst RAG_ROUNDS times in each mode, the mode going first alternating by round (a
+    mode always going first or second met different allocator and heap states)."""
     rows = []
     prompts = rag_prompts(vocab, 256, seed=1)
-    for rnd in range(2):
-        for overlap in (True, False):
+    for rnd in range(RAG_ROUNDS):
+        for overlap in (True, False) if rnd % 2 == 0 else (False, True):
             set_overlap(engine, overlap)
             engine.kv.pool.reset_cache()
             trace = []  # per step: time, waiting, running
             timer = StepTimer(engine)
-            with TritonCompiles() as compiles:
+            with TritonCompiles() as compiles, GcPauses() as gcs:
                 r = run_requests(engine, prompts, OUTPUT_TOKENS, on_step=lambda: trace.append(
                     (time.monotonic(), len(engine.scheduler.waiting), len(engine.scheduler.running))))
             timer.close(engine)
             r["host_s"] = dict(timer.parts)
             r["triton_compiles"] = compiles.names
+            r["gc"] = gcs.summary()
             steps_s = np.diff([r_start for r_start, _, _ in trace]) if len(trace) > 1 else np.zeros(1)
             r["slowest_steps_s"] = sorted(steps_s.tolist(), reverse=True)[:5]
             for name in compiles.names:
@@ -219,7 +249,12 @@ def rag_burst(engine, vocab: int) -> list[dict]:
             print(f"  rag overlap={overlap}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_s']:.3f} s "
                   f"p99 {r['ttft_p99_s']:.3f} s, wall {r['wall_s']:.2f} s, {r['steps']} steps, all admitted after "
                   f"{r['steps_until_all_admitted']} ({r['s_until_all_admitted']:.3f} s); waiting {r['waiting_after_steps']}; "
-                  f"host s: {', '.join(f'{k} {v:.3f}' for k, v in r['host_s'].items())}", flush=True)
+                  f"host s: {', '.join(f'{k} {v:.3f}' for k, v in r['host_s'].items())}; gc {r['gc']}", flush=True)
+    for overlap in (True, False):
+        mine = [g for g in rows if g["overlap"] is overlap]
+        print(f"  rag overlap={overlap}, median of {len(mine)} rounds: "
+              f"{np.median([g['output_tok_s'] for g in mine]):.0f} tok/s, "
+              f"TTFT p50 {np.median([g['ttft_p50_s'] for g in mine]):.3f} s", flush=True)
     return rows
 
 
@@ -329,10 +364,16 @@ def markdown(results: dict) -> str:
             lines.append("")
         if "rag" in r:
             lines += ["### RAG burst (256 requests, 1,024 shared + 64-512 own tokens, 128 out)", "",
-                      "| round | overlap | output tok/s | TTFT p50 (s) | TTFT p99 (s) | wall (s) |", "|---:|---|---:|---:|---:|---:|"]
+                      "| round | overlap | output tok/s | TTFT p50 (s) | TTFT p99 (s) | wall (s) | all admitted (s) | GC pauses (ms, gen 0/1/2) |",
+                      "|---:|---|---:|---:|---:|---:|---:|---|"]
             for g in r["rag"]:
+                pauses = "/".join(f"{g['gc'][k]['ms']:.1f}" for k in ("gen0", "gen1", "gen2")) if "gc" in g else ""
                 lines.append(f"| {g['round']} | {'on' if g['overlap'] else 'off'} | {g['output_tok_s']:,.0f} | {g['ttft_p50_s']:.3f} | "
-                             f"{g['ttft_p99_s']:.3f} | {g['wall_s']:.2f} |")
+                             f"{g['ttft_p99_s']:.3f} | {g['wall_s']:.2f} | {g['s_until_all_admitted']:.3f} | {pauses} |")
+            for overlap in (True, False):
+                mine = [g for g in r["rag"] if g["overlap"] is overlap]
+                lines.append(f"| median | {'on' if overlap else 'off'} | {np.median([g['output_tok_s'] for g in mine]):,.0f} | "
+                             f"{np.median([g['ttft_p50_s'] for g in mine]):.3f} | {np.median([g['ttft_p99_s'] for g in mine]):.3f} | | | |")
             lines.append("")
         if "batch1" in r:
             lines += [f"Batch-1 decode: {', '.join(f'{k} {v:,.0f}' for k, v in r['batch1'].items())}.", ""]

@@ -93,15 +93,21 @@ def reference(kind: str, x: torch.Tensor, weight: tuple[torch.Tensor, ...], grou
 
 def time_per_call(kind: str, x: torch.Tensor, weight: tuple[torch.Tensor, ...], group: int, l2_bytes: int) -> float:
     """Microseconds per call, L2-cold weights, from a CUDA graph of one call per weight copy."""
+    return time_graphed(lambda wc: call(kind, x, wc, group), weight, l2_bytes)
+
+
+def time_graphed(fn, weight: tuple[torch.Tensor, ...], l2_bytes: int) -> float:
+    """Microseconds per `fn(weight copy)`, from a CUDA graph of one call per copy of the weight,
+    over enough copies that they overflow L2 about three times."""
     nbytes = sum(t.numel() * t.element_size() for t in weight)
     copies = max(2, min(64, -(-3 * l2_bytes // nbytes)))
     weights = [weight] + [tuple(t.clone() for t in weight) for _ in range(copies - 1)]
-    call(kind, x, weight, group)  # compile, and let cuBLAS pick its kernel, outside the capture
+    fn(weight)  # compile, and let cuBLAS pick its kernel, outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for wc in weights:
-            call(kind, x, wc, group)
+            fn(wc)
     graph.replay()
     times = []
     for _ in range(7):

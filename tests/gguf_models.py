@@ -12,7 +12,7 @@ import numpy as np
 from gguf.quants import quantize
 
 from edgepaged.models.loader import GGUF_LINK
-from edgepaged.quant.gguf import write_gguf
+from edgepaged.quant.gguf import ROPE_FACTOR_TENSORS, gguf_name, write_gguf
 
 T = gguf.GGMLQuantizationType
 # Where each K-quant record keeps its float16 super-block scales (the rest is any bytes at all).
@@ -80,3 +80,47 @@ def write_gguf_model(folder: Path, recipe: dict[str, str], seed: int = 0, tokeni
         if (tokenizer_from / name).is_file():
             shutil.copy(tokenizer_from / name, folder / name)
     return folder
+
+
+def gguf_from_hf_folder(folder: Path, out: Path, recipe: dict[str, str] | None = None) -> Path:
+    """The Hugging Face checkpoint in `folder` (a Qwen3 or Phi-3 written by write_random_model)
+    as a standalone GGUF file at `out`, tensors and metadata named as llama.cpp's converter names
+    them (convert_hf_to_gguf.py: Qwen3Model, Phi3MiniModel): no config.json beside it, so
+    loading it reads the model's shape from the file. Matrices are F32 unless `recipe` (as in
+    RECIPES) gives their GGUF type; norms and rope factors stay F32."""
+    import math
+
+    from safetensors.numpy import load_file
+
+    from edgepaged.models.config import ModelConfig
+
+    cfg = ModelConfig.from_folder(folder)
+    weights = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights |= load_file(str(file))
+    metadata: dict[str, int | float] = {
+        "context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+        "block_count": cfg.num_layers, "feed_forward_length": cfg.intermediate_size,
+        "attention.head_count": cfg.num_heads, "attention.head_count_kv": cfg.num_kv_heads,
+        "attention.layer_norm_rms_epsilon": cfg.rms_norm_eps, "rope.freq_base": cfg.rope_theta,
+        "rope.dimension_count": cfg.rotary_dim, "vocab_size": cfg.vocab_size,
+    }
+    if cfg.head_dim != cfg.hidden_size // cfg.num_heads:  # the converter writes head_dim when the config has one
+        metadata |= {"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim}
+    tensors = []
+    if cfg.architecture == "phi3":
+        scaling = cfg.rope_scaling or {}
+        original = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        scale = cfg.max_position_embeddings / original
+        metadata |= {"rope.scaling.original_context_length": original, "attention.sliding_window": cfg.sliding_window or 0,
+                     "rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0}
+        tensors += [(name, np.asarray(scaling[key], dtype=np.float32), "F32")
+                    for name, key in ROPE_FACTOR_TENSORS.items() if key in scaling]
+    rng = np.random.default_rng(0)
+    for name, value in weights.items():
+        kind = "F32"
+        if recipe is not None and value.ndim == 2:
+            kind = recipe.get(gguf_name(name).split(".")[-2], recipe["default"])  # attn_qkv, token_embd, ...
+            value = gguf_bytes(kind, value, rng)
+        tensors.append((name, value, kind))
+    return write_gguf(out, tensors, cfg.num_heads, cfg.num_kv_heads, architecture=cfg.architecture, metadata=metadata)

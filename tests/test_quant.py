@@ -17,10 +17,10 @@ from edgepaged.backends import load_model
 from edgepaged.models.config import ModelConfig
 from edgepaged.models.loader import GGUF_LINK
 from edgepaged.quant import ConcatWeight, Int4Weight, cat_rows
-from edgepaged.quant.cpu import CpuInt4, CpuInt8Grouped, CpuInt8Planes, cpu_weight
+from edgepaged.quant.cpu import CpuDense, CpuInt4, CpuInt8Interleaved, CpuInt8Planes, cpu_weight
 from edgepaged.quant.gguf import REPACKERS, TensorTable, gguf_name, hf_name, permute_rope_rows, unpermute_rope_rows
 
-FORMATS = {"Q4_0": CpuInt4, "Q4_1": CpuInt4, "Q8_0": CpuInt8Planes, "Q4_K": CpuInt4, "Q6_K": CpuInt8Grouped}
+FORMATS = {"Q4_0": CpuInt4, "Q4_1": CpuInt4, "Q8_0": CpuInt8Planes, "Q4_K": CpuInt4, "Q6_K": CpuInt8Interleaved}
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -57,6 +57,23 @@ def test_cpu_int4_kernel_conventions():
     from edgepaged.quant.cpu import _int4_rows
 
     assert torch.equal(_int4_rows(weight.packed, rows), q)
+
+
+@pytest.mark.parametrize("low,high,form", [(-32, 31, CpuInt8Interleaved), (-136, 119, CpuInt8Interleaved), (-128, 127, CpuDense)])
+def test_int8_groups_of_16_run_interleaved_where_q_plus_136_fits_a_byte(low, high, form):
+    """Q6_K's groups of 16 as one int4 matmul over [low nibbles, high nibbles] of q + 136; a
+    weight whose q + 136 overflows a byte (not Q6_K's -32..31) is not given that form."""
+    from edgepaged.quant import Int8Weight
+
+    n, k, g = 48, 64, 16
+    q = torch.randint(max(low, -128), high + 1, (n, k), dtype=torch.int16)
+    q[0, :2] = torch.tensor([max(low, -128), high])  # both ends of the range present
+    w = Int8Weight(q.to(torch.int8), (torch.rand(n, k // g) / 50 + 1e-3).half(), g)
+    weight = cpu_weight(w, torch.float32)
+    assert type(weight) is form
+    x = torch.randn(3, k)
+    assert _relative(weight.linear(x), x @ w.dequantize().T) < 1e-2  # bfloat16 activations
+    assert _relative(weight.embedding(torch.arange(n)), w.dequantize()) < 1e-2  # scales kept in bfloat16
 
 
 def test_rope_rows_are_put_back_in_hugging_face_order():
@@ -310,11 +327,11 @@ def test_gptq_act_order_permutation_is_refused():
 
 @pytest.mark.parametrize("which", ["written", "default"])
 def test_tensor_table_reads_what_gguf_reader_reads(tmp_path, tokenizer_dir, which, request):
-    """The header-only tensor table (which skips the metadata values) gives the same tensors,
-    types, shapes and bytes as the gguf package's GGUFReader: on a file written here with every
+    """The header-only tensor table (which skips the metadata arrays) gives the same tensors,
+    types, shapes, bytes and scalar metadata as the gguf package's GGUFReader: on a file written here with every
     block type, and on the default model's, whose metadata holds a 49,152-token vocabulary and
     its merges (string arrays, nested arrays)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader, GGUFValueType
 
     from edgepaged.models.loader import gguf_source
 
@@ -325,6 +342,8 @@ def test_tensor_table_reads_what_gguf_reader_reads(tmp_path, tokenizer_dir, whic
     path = gguf_source(folder)
     ours, theirs = TensorTable(path), GGUFReader(str(path))
     assert ours.metadata["general.architecture"] == "llama"
+    scalars = {k: f.contents() for k, f in theirs.fields.items() if f.types[0] != GGUFValueType.ARRAY and not k.startswith("GGUF.")}
+    assert ours.metadata == pytest.approx(scalars) and len(scalars) >= (1 if which == "written" else 10)
     assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
     for a, b in zip(ours.tensors, theirs.tensors):
         assert a.tensor_type == b.tensor_type and a.shape == tuple(int(d) for d in b.shape)

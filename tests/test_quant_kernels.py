@@ -6,7 +6,7 @@ the checks run in child processes (this file, run as a script): one child interp
 once and answers with one JSON object, another compiles the launches the wrappers make. Outputs
 and split-K scratch are NaN-filled by the allocator (a missed store shows as NaN, which never
 passes). Cases cover fp16, bf16 and fp32 activations, the three kernel shapes (T=1 FMA decode, 2 <= T <= 16 tl.dot decode,
-T > 16 GEMM), split-K forced on and off, ragged N, every group size, with and without bias.
+T > 16 GEMM, T >= 128 dequantized for F.linear), split-K forced on and off, ragged N, every group size, with and without bias.
 bf16 runs only where no tl.dot does (T=1): the 3.6 interpreter multiplies bf16 bit patterns in
 tl.dot (triton-lang/triton#11584); tests/test_quant_kernels_gpu.py runs bf16 everywhere.
 """
@@ -43,6 +43,10 @@ CASES = [
     _case(4, "float16", 17, 256, 96, 32, True),
     _case(4, "float16", 17, 64, 32, 64, False),
     _case(4, "float16", 70, 256, 160, 128, True),
+    # T >= DENSE_MIN_TOKENS_DEFAULT (the interpreter's and sm_8x's threshold): dequantized into a dense matrix, then F.linear
+    _case(4, "float16", 130, 256, 96, 32, True),
+    _case(8, "float16", 128, 256, 96, 16, False),
+    _case(4, "float32", 128, 256, 96, 128, False),
     # int8
     _case(8, "float16", 1, 256, 96, 16, True, split_k=3),
     _case(8, "float16", 1, 64, 32, 32, False),
@@ -156,7 +160,9 @@ def test_bad_inputs_are_rejected_before_launch(change, message):
 
 
 def kernel_shape(tokens: int) -> str:
-    return "gemv" if tokens == 1 else "gemv-dot" if tokens <= 16 else "gemm"
+    from edgepaged.kernels.quant_matmul import DENSE_MIN_TOKENS_DEFAULT
+
+    return "gemv" if tokens == 1 else "gemv-dot" if tokens <= 16 else "gemm" if tokens < DENSE_MIN_TOKENS_DEFAULT else "dequantize+dense"
 
 
 def quantized_weight(bits, k, n, group, device="cpu", seed=0) -> tuple[torch.Tensor, ...]:
@@ -236,14 +242,14 @@ def _compile_all() -> dict:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
 
-    names = ("_quant_gemv_kernel", "_split_k_merge_kernel", "_quant_gemm_kernel")
+    names = ("_quant_gemv_kernel", "_split_k_merge_kernel", "_quant_gemm_kernel", "_dequantize_kernel")
     originals = {name: getattr(qm, name) for name in names}
     for name, kernel in originals.items():
         setattr(qm, name, Recorder(kernel))
     try:
         for dtype in ("float16", "bfloat16", "float32"):
             for bits, group in ((4, 32), (4, 128), (8, 16), (8, 128)):
-                for tokens, split_k in ((1, 2), (8, 2), (64, None)):
+                for tokens, split_k in ((1, 2), (8, 2), (64, None), (qm.DENSE_MIN_TOKENS_DEFAULT, None)):
                     x, b = activations(dtype, tokens, 1024, 256, bias=True)
                     fn = qm.w4a16_linear if bits == 4 else qm.w8a16_linear
                     fn(x, *quantized_weight(bits, 1024, 256, group), group, b, split_k=split_k)
@@ -256,7 +262,8 @@ def _compile_all() -> dict:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     usage = {}
     targets = [(87, launch) for launch in launches]
-    targets += [(90, launch) for launch in launches if launch[1][0].dtype == torch.bfloat16]  # arg 0 is x or partial
+    targets += [(90, launch) for launch in launches  # bf16 activations (or dequantized weights)
+                if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in launch[1])]
     for arch, (kernel, args, kwargs) in targets:
         values = dict(zip(kernel.arg_names, args, strict=False)) | kwargs
         signature, constexprs, attrs = {}, {}, {}
@@ -283,7 +290,7 @@ def _compile_all() -> dict:
             ).stdout
         stack = [int(tok.split(":")[1]) for tok in dump.split() if tok.startswith("STACK:")]
         shape = "-".join(f"{k}{v}" for k, v in constexprs.items() if k in ("BITS", "GROUP", "BLOCK_T", "BLOCK_M"))
-        key = f"sm{arch}-{kernel.fn.__name__}-{shape}-{signature.get('x_ptr', signature.get('out_ptr'))}"
+        key = f"sm{arch}-{kernel.fn.__name__}-{shape}-{signature.get('x_ptr', signature.get('out_ptr', signature.get('w_ptr')))}"
         usage[key] = {"stack_bytes": max(stack), "shared": compiled.metadata.shared}
     return {"kernels": usage}
 

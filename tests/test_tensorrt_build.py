@@ -401,3 +401,12 @@ def test_a_parameter_the_kernel_reads_cannot_be_dropped():
     original = [int(m) for m in re.findall(rf"{name}_param_(\d+)", "".join(_entry_params(kernel.ptx, name)))]
     with pytest.raises(ValueError, match="used by the kernel"):
         rewrite_params(kernel.ptx, name, [i for i in original if i != 4])  # slot_mapping is read
+
+
+def test_a_quantized_checkpoint_builds_dequantized_and_says_so(fake_build, tmp_path):
+    from gguf_models import RECIPES, write_gguf_model
+
+    folder = write_gguf_model(tmp_path / "q4", RECIPES["q4_0"])
+    fake_build.run(folder, cache_dir=tmp_path / "engines")
+    assert "q4 is quantized: the engine holds its weights dequantized to float16" in " ".join(fake_build.log)
+    assert len(fake_build.compiled) == 1

@@ -7,6 +7,7 @@ then decodes. Both graph forms run: the exported one and the one lowered for Ten
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from conftest import make_engine
 
-from edgepaged import SamplingParams
+from edgepaged import ModelLoadError, SamplingParams
 from edgepaged.attention import AttentionBatch
 from edgepaged.backends.tensorrt.export import (
     ATTENTION_OP,
@@ -195,3 +196,42 @@ def test_ort_decoder_in_the_engine_generates_the_torch_backend_tokens(folder, on
         results.append({rid: out.outputs[0].token_ids for rid, out in final.items()})
         assert engine.stats().prefix_hit_tokens > 0
     assert results[0] == results[1]
+
+
+def _loaded(folder: Path, keep_quantized: bool = False) -> LlamaForCausalLM:
+    cfg = ModelConfig.from_folder(folder)
+    backend = TorchRefBackend(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+    model = LlamaForCausalLM(cfg, backend, torch.float32, torch.device("cpu"), max_positions=64)
+    load_weights(model, folder, keep_quantized=keep_quantized)
+    return model
+
+
+@pytest.mark.parametrize("shape,feature", [
+    ("tiny-qwen3", r"q/k RMSNorm"),
+    ("tiny-phi4mini", r"partial rotary \(rope on 24 of 32 head dims, partial_rotary_factor 0.75\)"),
+])
+def test_export_refuses_what_the_graph_cannot_represent(tmp_path, shape, feature):
+    folder = write_random_model(tmp_path / shape, shape, vocab_size=64)
+    with pytest.raises(ModelLoadError, match=rf"cannot represent {shape} \(\w+\): {feature}"):
+        export_onnx(_loaded(folder), tmp_path / "out" / "decoder.onnx", BLOCK_SIZE, shape)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_export_refuses_packed_weights(tmp_path):
+    from gguf_models import RECIPES, write_gguf_model
+
+    folder = write_gguf_model(tmp_path / "q4", RECIPES["q4_0"])
+    with pytest.raises(ModelLoadError, match=r"cannot represent the model \(llama\): quantized linear layers"):
+        export_onnx(_loaded(folder, keep_quantized=True), tmp_path / "out" / "decoder.onnx", BLOCK_SIZE)
+    export_onnx(_loaded(folder), tmp_path / "dense" / "decoder.onnx", BLOCK_SIZE)  # dequantized: float weights export
+
+
+def test_a_build_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Before TensorRT is imported, let alone the weights fingerprinted or exported."""
+    from edgepaged.backends.tensorrt import build as trt_build
+
+    folder = write_random_model(tmp_path / "tiny-qwen3", "tiny-qwen3", vocab_size=64)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(trt_build, "model_fingerprint", lambda *a: pytest.fail("fingerprinted a refused model"))
+    with pytest.raises(ModelLoadError, match=r"cannot represent tiny-qwen3 \(qwen3\): q/k RMSNorm"):
+        trt_build.build_engine(folder, "rtx-4090-24gb", cache_dir=tmp_path / "engines")

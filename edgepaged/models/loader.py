@@ -130,6 +130,8 @@ def _convert(gguf: Path, out: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from ..quant.gguf import TensorTable, complete_hf_config
+
     steps = tqdm(total=2, desc=f"reading {gguf.name}'s config and tokenizer (once)", unit="step")
     try:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
@@ -141,14 +143,17 @@ def _convert(gguf: Path, out: Path) -> None:
                     f"{gguf}: architecture {config.model_type!r} is not supported; "
                     f"edgepaged runs {', '.join(sorted(set(SUPPORTED_ARCHITECTURES.values())))}"
                 )
+            table = TensorTable(gguf)
+            config = type(config).from_dict(complete_hf_config(table, config.to_dict()))
             config.architectures = [architectures[config.model_type]]
-            # Tied when the file has no separate output matrix, as llama.cpp reads it.
-            config.tie_word_embeddings = not _has_tensor(gguf, "output.weight")
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # A file without a vocabulary (written by tests or tools) still runs on token ids.
+            has_tokenizer = "tokenizer.ggml.model" in table.metadata
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name) if has_tokenizer else None
             steps.update()
             config.save_pretrained(tmp)
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
             steps.update()
             if out.exists():  # another process finished first
                 shutil.rmtree(tmp)
@@ -163,12 +168,6 @@ def _convert(gguf: Path, out: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
         steps.close()
-
-
-def _has_tensor(gguf: Path, name: str) -> bool:
-    from gguf import GGUFReader
-
-    return any(t.name == name for t in GGUFReader(str(gguf)).tensors)
 
 
 def load_tokenizer(folder: Path):

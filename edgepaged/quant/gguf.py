@@ -17,7 +17,10 @@ Each GGML block type is a fixed-size record per block along a row; the repackers
 
 Any other block type is dequantized to float32 by the gguf package and kept dense. llama.cpp's
 converter permutes the rows of llama q/k weights for its rope; `unpermute_rope_rows` undoes it
-on rows, which is valid on packed rows too (blocks run along K).
+on rows, which is valid on packed rows too (blocks run along K). It leaves qwen3 and phi3 rows
+as they are (their rope rotates halves, as Hugging Face's does); qwen3 adds `attn_q_norm` /
+`attn_k_norm`, phi3 keeps q/k/v fused in `attn_qkv` and gate/up in `ffn_up`, and
+`complete_hf_config` reads the metadata transformers' GGUF config reader skips for them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,23 +46,32 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",  # Phi-3: q, k, v rows fused, as in its checkpoints
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# llama.cpp's phi3 has no ffn_gate: its ffn_up is the checkpoint's gate_up_proj (gate rows, then
+# up rows, twice the intermediate size), kept fused.
+_ARCH_LAYER_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
+# Phi-3's longrope factors, one per rotary frequency pair: tensors in a GGUF, config in a checkpoint.
+ROPE_FACTOR_TENSORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """The Hugging Face checkpoint name of a GGUF tensor (None: not a weight the decoder uses)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        layer = _ARCH_LAYER_NAMES.get(architecture, {}).get(parts[2]) or _LAYER_NAMES[parts[2]]
+        return f"model.layers.{parts[1]}.{layer}.{parts[3]}"
     return None
 
 
@@ -183,7 +196,7 @@ def gguf_name(hf: str) -> str:
         if hf == hf_key:
             return gguf_key
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
-    layer = {v: k for k, v in _LAYER_NAMES.items()}
+    layer = {v: k for names in (_LAYER_NAMES, *_ARCH_LAYER_NAMES.values()) for k, v in names.items()}
     if m is None or m.group(2) not in layer:
         raise ValueError(f"{hf} has no GGUF name")
     return f"blk.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
@@ -198,31 +211,38 @@ def permute_rope_rows(rows: int, num_heads: int) -> torch.Tensor:
 
 def write_gguf(
     path: Path, tensors: Iterable[tuple[str, np.ndarray, str]], num_heads: int, num_kv_heads: int,
-    architecture: str = "llama", hf_rows: bool = True,
+    architecture: str = "llama", hf_rows: bool = True, metadata: dict[str, bool | int | float | str] | None = None,
 ) -> Path:
     """A GGUF file of decoder weights given under Hugging Face names, for tests and benchmarks.
 
     Each entry is (name, value, GGUF type): a float array stored as F32/F16, or quantized to
     Q4_0/Q4_1/Q8_0 by the gguf package; a uint8 array is taken as blocks already in that type
-    ([N, bytes], how the K-quants get in: the gguf package cannot quantize them). llama q/k rows
-    given in Hugging Face order (`hf_rows`) are stored in llama.cpp's rope order, as its
-    converter writes them; random values can be drawn as stored (hf_rows=False). Only the tensors and the
-    architecture are written: the config comes from the folder's config.json (models/loader.py).
+    ([N, bytes], how the K-quants get in: the gguf package cannot quantize them). The names of
+    ROPE_FACTOR_TENSORS are GGUF names already. llama q/k rows given in Hugging Face order
+    (`hf_rows`) are stored in llama.cpp's rope order, as its converter writes them; random
+    values can be drawn as stored (hf_rows=False). `metadata` holds the architecture's keys
+    without the `<architecture>.` prefix ("attention.key_length": 32, ...): bool, uint32,
+    float32 or string as the value's type is; without them the config comes from the folder's
+    config.json (models/loader.py).
     """
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
     writer = GGUFWriter(str(path), architecture)
+    adders = ((bool, writer.add_bool), (int, writer.add_uint32), (float, writer.add_float32), (str, writer.add_string))
+    for key, value in (metadata or {}).items():
+        next(add for kind, add in adders if isinstance(value, kind))(f"{architecture}.{key}", value)
     for name, value, kind in tensors:
         if hf_rows and architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = num_heads if ".q_proj." in name else num_kv_heads
             value = value[permute_rope_rows(value.shape[0], heads).numpy()]
+        stored = name if name in ROPE_FACTOR_TENSORS else gguf_name(name)
         if kind in ("F32", "F16"):
-            writer.add_tensor(gguf_name(name), np.ascontiguousarray(value, dtype=np.float32 if kind == "F32" else np.float16))
+            writer.add_tensor(stored, np.ascontiguousarray(value, dtype=np.float32 if kind == "F32" else np.float16))
             continue
         qtype = getattr(GGMLQuantizationType, kind)
         raw = value if value.dtype == np.uint8 else quantize(np.asarray(value, dtype=np.float32), qtype)
-        writer.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+        writer.add_tensor(stored, raw, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -255,8 +275,9 @@ class _StoredTensor:
     data: np.ndarray  # a view of the memory map, shaped as GGUFReader shapes it
 
 
-# GGUF metadata value types with a fixed size, in bytes (4 is uint32 ... 12 is float64).
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# GGUF metadata value types with a fixed size, by type id (4 is uint32 ... 12 is float64).
+_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
+            10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
 
 
@@ -265,8 +286,9 @@ class TensorTable:
 
     The `gguf` package's GGUFReader also parses every metadata value into numpy views: for the
     default model's 49,152-token vocabulary and merges that was 2-3 s of a 4 s start (2-core
-    x86). Weights need only the tensor table, so the metadata is skipped, reading nothing but
-    the string lengths, and only `general.architecture` and `general.alignment` are kept."""
+    x86). Weights and the model's shape need only the tensor table and the scalar metadata, so
+    arrays are skipped, reading nothing but the string lengths; `metadata` holds the scalars
+    and strings as Python values."""
 
     def __init__(self, path: Path):
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -283,7 +305,7 @@ class TensorTable:
             key = self._str()
             vtype = self._u32()
             value = self._value(vtype)
-            if key in ("general.architecture", "general.alignment"):
+            if value is not None:
                 self.metadata[key] = value
         infos = []
         for _ in range(n_tensors):
@@ -336,11 +358,49 @@ class TensorTable:
                 for _ in range(count):
                     self._value(_ARRAY)
             else:
-                self.pos += _SCALAR_BYTES[etype] * count
+                self.pos += np.dtype(_SCALARS[etype]).itemsize * count
             return None
-        raw = self.mm[self.pos : self.pos + _SCALAR_BYTES[vtype]]
-        self.pos += _SCALAR_BYTES[vtype]
-        return int(raw.view(np.uint32)[0]) if vtype == 4 else None
+        dtype = np.dtype(_SCALARS[vtype])
+        raw = self.mm[self.pos : self.pos + dtype.itemsize]
+        self.pos += dtype.itemsize
+        return raw.view(dtype)[0].item()
+
+
+def complete_hf_config(table: TensorTable, config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (transformers' reading of the file's metadata, as a config dict) with what its
+    GGUF reader leaves out, read the way llama.cpp's converter writes it: the head size
+    (`attention.key_length`: Qwen3's is not hidden / heads), the rotary dims
+    (`rope.dimension_count`: Phi-4-mini rotates 3/4 of each head), whether the embedding is
+    tied (no output.weight), and Phi-3's sliding window (0: none) and longrope (its factors are
+    tensors, its pretraining length and attention factor `rope.scaling.*` keys). Without them
+    a Qwen3 or Phi-3 GGUF would load with the wrong head size or rope and no error."""
+    arch = table.metadata.get("general.architecture")
+
+    def meta(key: str):
+        return table.metadata.get(f"{arch}.{key}")
+
+    out = dict(config)
+    head_dim = meta("attention.key_length") or out["hidden_size"] // out["num_attention_heads"]
+    if meta("attention.key_length"):
+        out["head_dim"] = head_dim
+    out["tie_word_embeddings"] = not any(t.name == "output.weight" for t in table.tensors)
+    v5 = "rope_parameters" in out  # transformers 5 keeps rope settings in one dict; 4 in rope_scaling
+    rope = dict(out.get("rope_parameters") if v5 else out.get("rope_scaling") or {})
+    rotary = meta("rope.dimension_count")
+    if rotary and rotary != head_dim:
+        (rope if v5 else out)["partial_rotary_factor"] = rotary / head_dim
+    if arch == "phi3":
+        out["sliding_window"] = meta("attention.sliding_window") or None
+        if meta("rope.scaling.original_context_length"):
+            out["original_max_position_embeddings"] = meta("rope.scaling.original_context_length")
+        factors = {key: t.data.astype(np.float64).tolist() for t in table.tensors
+                   if (key := ROPE_FACTOR_TENSORS.get(t.name))}
+        if factors:
+            rope |= factors | {"rope_type": "longrope"}
+            if meta("rope.scaling.attn_factor") is not None:
+                rope["attention_factor"] = meta("rope.scaling.attn_factor")
+    out["rope_parameters" if v5 else "rope_scaling"] = rope or None
+    return out
 
 
 class GGUFFile:
@@ -360,7 +420,7 @@ class GGUFFile:
         from gguf.quants import dequantize
 
         for t in self.reader.tensors:
-            name = hf_name(t.name)
+            name = hf_name(t.name, self.architecture)
             if name is None or (only is not None and name not in only):
                 continue
             kind = t.tensor_type.name
@@ -380,7 +440,7 @@ class GGUFFile:
         """Bytes the decoder's weights take once loaded (quantized ones in the packed layouts)."""
         total = 0
         for t in self.reader.tensors:
-            if hf_name(t.name) is None:
+            if hf_name(t.name, self.architecture) is None:
                 continue
             numel = int(np.prod([int(x) for x in t.shape]))
             packed = packed_nbytes(t.tensor_type.name, numel // int(t.shape[0]), int(t.shape[0])) if keep_quantized else None

@@ -33,7 +33,7 @@ import torch
 from ...config import DTYPES
 from ...errors import EdgepagedError
 from ...models.config import ModelConfig
-from ...models.loader import cache_root, resolve_model
+from ...models.loader import cache_root, display_name, packed_checkpoint, resolve_model
 from ...profiles import DeviceProfile, load_profile
 from . import TensorRTUnavailable, import_tensorrt
 from .export import (
@@ -44,6 +44,7 @@ from .export import (
     POSITIONS,
     QUERY_START_LOC,
     SLOT_MAPPING,
+    check_exportable,
     k_cache_input,
     v_cache_input,
 )
@@ -274,11 +275,15 @@ def build_engine(
 ) -> Path:
     """The engine directory for `model` under `profile`, built unless a matching one is cached."""
     say = log or (lambda _: None)
-    trt = trt or import_tensorrt()
-    target = current_target(trt)
     folder = resolve_model(model)
     prof = load_profile(profile)
     cfg = ModelConfig.from_folder(folder)
+    check_exportable(cfg, display_name(model, folder), quantized=False)  # compile_engine loads float weights
+    trt = trt or import_tensorrt()
+    target = current_target(trt)
+    if packed_checkpoint(folder) and prof.model.quantization == "keep":
+        say(f"{display_name(model, folder)} is quantized: the engine holds its weights dequantized to "
+            f"{EngineShapes.from_profile(prof, cfg).dtype} (the TensorRT graph has float layers only)")
     root = engines_root(cache_dir)
     meta = EngineMeta(
         model_name=folder.name,
@@ -332,7 +337,7 @@ def compile_engine(trt: ModuleType, folder: Path, cfg: ModelConfig, shapes: Engi
     scale_source = TorchRefBackend(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
     model = LlamaForCausalLM(cfg, scale_source, DTYPES[shapes.dtype], torch.device("cpu"), shapes.max_model_len)
     load_weights(model, folder)
-    exported = export_onnx(model, work / "decoder.onnx", shapes.block_size)
+    exported = export_onnx(model, work / "decoder.onnx", shapes.block_size, folder.name)
     del model
     lowered = work / "decoder.trt.onnx"  # shares decoder.onnx.data, which sits in the same folder
     onnx.save_model(lower_for_tensorrt(onnx.load(str(exported), load_external_data=False)), str(lowered))

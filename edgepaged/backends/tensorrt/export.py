@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
-from ...models.llama import LlamaForCausalLM, RMSNorm
 from ...attention import AttentionBatch
+from ...errors import ModelLoadError
+from ...models.config import ModelConfig
+from ...models.llama import LlamaForCausalLM, RMSNorm
 
 # Bump when the graph's inputs, outputs or op semantics change: cached engines are keyed on it.
 GRAPH_VERSION = 1
@@ -97,6 +99,27 @@ def step_inputs(batch: AttentionBatch) -> StepInputs:
     )
 
 
+def check_exportable(cfg: ModelConfig, model_name: str, quantized: bool) -> None:
+    """Refuse, before any work, a model the graph below would export wrong: it has no q/k norm
+    (Qwen3), rotates every dim of each head (Phi-4-mini rotates only `rotary_dim`), and holds
+    float weights only (`quantized`: the weights to export are packed), so any of these would
+    give an engine computing another model, or none at all."""
+    unsupported = []
+    if cfg.qk_norm:
+        unsupported.append("q/k RMSNorm (Qwen3's q_norm/k_norm)")
+    if cfg.rotary_dim != cfg.head_dim:
+        unsupported.append(f"partial rotary (rope on {cfg.rotary_dim} of {cfg.head_dim} head dims, "
+                           f"partial_rotary_factor {cfg.partial_rotary_factor})")
+    if quantized:
+        unsupported.append("quantized linear layers (the graph holds float weights: load the model with "
+                           "keep_quantized=False to export them dequantized)")
+    if unsupported:
+        raise ModelLoadError(
+            f"the TensorRT export cannot represent {model_name} ({cfg.architecture}): {'; '.join(unsupported)}. "
+            "Serve it with the torch or triton backend."
+        )
+
+
 class _Graph:
     """Appends nodes and initializers with unique names; knows the model dtype."""
 
@@ -149,9 +172,11 @@ class _Graph:
         return self.op1("Add", self.op1("Mul", x, cos), self.op1("Mul", rotated, sin))
 
 
-def build_graph(model: LlamaForCausalLM, block_size: int) -> onnx.ModelProto:
+def build_graph(model: LlamaForCausalLM, block_size: int, model_name: str = "the model") -> onnx.ModelProto:
     """The decoder of `model` as an in-memory ONNX model (weights as initializers)."""
     cfg = model.config
+    packed = any(not isinstance(m.weight, torch.Tensor) for m in model.modules() if hasattr(m, "weight"))
+    check_exportable(cfg, model_name, packed)
     g = _Graph(model.embed_tokens.dtype)
     hq, hkv, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_size, kv_size = hq * dim, hkv * dim
@@ -231,6 +256,6 @@ def save_with_external_data(proto: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def export_onnx(model: LlamaForCausalLM, path: Path, block_size: int) -> Path:
+def export_onnx(model: LlamaForCausalLM, path: Path, block_size: int, model_name: str = "the model") -> Path:
     """Export `model`'s decoder to `path` (+ its external data file); returns the path."""
-    return save_with_external_data(build_graph(model, block_size), path)
+    return save_with_external_data(build_graph(model, block_size, model_name), path)
