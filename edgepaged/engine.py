@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
 from .backends import load_model
+from .beam_search import BeamSearch
 from .cache import KVCacheManager
 from .config import EngineConfig, config_from_profile
 from .errors import RequestError
@@ -80,6 +81,7 @@ class LLMEngine:
             self.eos_token_ids |= {self.tokenizer.eos_token_id}
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self.beams = BeamSearch(self.scheduler, self.outputs, self._seq_ids, self.model_config.vocab_size)
         self.peak_blocks_used = self.peak_running = 0
 
     @classmethod
@@ -106,6 +108,7 @@ class LLMEngine:
         ids = self.inputs.encode(prompt)
         total = self.inputs.check(ids, params, self.kv)
         request = Request(request_id, ids, params, total, self.eos_token_ids)
+        self.beams.check(request)
         seq = self._new_sequence(request, list(ids), index=0)
         self.requests[request_id] = request
         self.scheduler.add(seq)
@@ -125,7 +128,7 @@ class LLMEngine:
         for seq in request.sequences:
             if seq.status is not SequenceStatus.FINISHED:
                 self.scheduler.finish(seq, "abort")
-        out = self.outputs.output(request)
+        out = self.beams.abort(request) if request.params.beam_width > 1 else self.outputs.output(request)
         self.outputs.release(request)
         return out
 
@@ -163,6 +166,9 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         for item in landed:
             seq = item.seq
+            if seq.request.params.beam_width > 1:  # its group chooses its tokens, below
+                self.beams.land(seq, item.logprobs)
+                continue
             self.scheduler.append_token(seq, item.token)
             try:
                 reason = self.outputs.process_token(seq, item.token, item.logprobs, now)
@@ -175,7 +181,9 @@ class LLMEngine:
             # A request that hands out only its final output is looked at when a sample ends.
             if reason is not None or request.params.output_kind is not OutputKind.FINAL_ONLY:
                 touched[request.request_id] = request
-        outputs = []
+        outputs = self.beams.advance(now)
+        for out in outputs:
+            self.requests.pop(out.request_id, None)
         for request in touched.values():
             out = self.outputs.output(request)
             if request.finished:
@@ -235,11 +243,3 @@ class LLMEngine:
                     pending.discard(out.request_id)
         return final
 
-
-def measure_plan(model: str | Path | None, profile: str | Path | DeviceProfile) -> MemoryPlan:
-    """The uncapped memory plan for `model` on this device under `profile` (`edgepaged profile show`)."""
-    engine = LLMEngine.from_model(model, profile, max_kv_blocks=1, cuda_graphs=False)
-    return plan_for(
-        engine.runner, engine.config, engine.model_config, engine.profile,
-        weights_bytes=engine.weights_bytes, max_model_len=engine.max_model_len, cap_blocks=None,
-    )

@@ -91,5 +91,23 @@ class LLM:
         final = self.llm_engine.run_to_completion(request_ids)
         return [final[rid] for rid in request_ids]
 
+    def beam_search(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        beam_width: int,
+        max_tokens: int = 16,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        ignore_eos: bool = False,
+    ) -> list[RequestOutput]:
+        """Beam search each prompt (transformers' `generate(num_beams=beam_width)` without
+        sampling); each result holds all `beam_width` finished beams, best first, with their
+        `score` and `cumulative_logprob`. The prompts run in one batch beside each other."""
+        params = SamplingParams(
+            n=beam_width, beam_width=beam_width, temperature=0.0, max_tokens=max_tokens,
+            length_penalty=length_penalty, early_stopping=early_stopping, ignore_eos=ignore_eos,
+        )
+        return self.generate(prompts, params)
+
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.llm_engine.apply_chat_template(messages)], params)[0]

@@ -46,6 +46,8 @@ class OutputProcessor:
 
     def add_sequence(self, seq: Sequence) -> None:
         request = seq.request
+        if request.params.beam_width > 1:
+            return  # a beam's text is made once, from its finished hypothesis (beam_search.py)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
@@ -57,10 +59,7 @@ class OutputProcessor:
         """Account for a token the scheduler has just appended; return why the sequence stops
         ("stop" or "length"), or None while it goes on."""
         request = seq.request
-        if request.first_token_time is None:
-            request.first_token_time = now
-            self.prompt_tokens_total += len(request.prompt_token_ids)
-        self.generation_tokens_total += 1
+        self.count_tokens(request, 1, now)
         state = self._seqs[seq.seq_id]
         params = request.params
         if state.logprobs is not None and logprobs is not None:
@@ -84,6 +83,13 @@ class OutputProcessor:
             state.visible_text_len = max(state.visible_text_len, det.text_len - holdback)
         return reason
 
+    def count_tokens(self, request: Request, num_tokens: int, now: float) -> None:
+        """The stats of tokens that reached the host: `process_token`'s, and a beam step's."""
+        if request.first_token_time is None:
+            request.first_token_time = now
+            self.prompt_tokens_total += len(request.prompt_token_ids)
+        self.generation_tokens_total += num_tokens
+
     def output(self, request: Request) -> RequestOutput | None:
         """The request's output after this step, as its `output_kind` asks (None: nothing to
         hand out yet, for FINAL_ONLY before the end)."""
@@ -104,10 +110,18 @@ class OutputProcessor:
             state.sent_text_len = state.visible_text_len
             state.sent_tokens = s.num_output_tokens
             outs.append(CompletionOutput(s.index, text, token_ids, s.finish_reason, logprobs))
-        metrics = {"arrival_time": request.arrival_time}
-        if request.first_token_time is not None:
-            metrics["first_token_time"] = request.first_token_time
-        return RequestOutput(request.request_id, request.prompt_token_ids, outs, finished, metrics)
+        return RequestOutput(request.request_id, request.prompt_token_ids, outs, finished, request_metrics(request))
+
+    def final_text(self, request: Request, token_ids: list[int]) -> str:
+        """The text of a whole output at once, as the incremental path would have made it (a
+        beam's, whose sequence may be gone: beam_search.py)."""
+        if self.tokenizer is None:
+            return ""
+        det = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
+        for token in token_ids:
+            det.add(token)
+        det.flush()
+        return det.text
 
     def release(self, request: Request) -> None:
         """A finished request's final output has been made: forget its sequences."""
@@ -120,6 +134,13 @@ class OutputProcessor:
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+
+
+def request_metrics(request: Request) -> dict[str, float]:
+    metrics = {"arrival_time": request.arrival_time}
+    if request.first_token_time is not None:
+        metrics["first_token_time"] = request.first_token_time
+    return metrics
 
 
 def _find_stop(text: str, stops: list[str], new_chars: int) -> int | None:

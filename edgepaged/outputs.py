@@ -23,6 +23,10 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # None while running, then "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+    # Beam search only: the sum of the tokens' log-probabilities, and what beams are ranked by,
+    # that sum / len(token_ids) ** length_penalty (transformers' sequences_scores).
+    cumulative_logprob: float | None = None
+    score: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .beam_search import num_candidates
 from .cuda_graph import FedRows
 from .cache import KVCacheManager
 from .model_runner import ModelRunner
@@ -73,10 +74,11 @@ class StepInFlight:
     seqs: list[Sequence]  # one per sampled row, forked samples included
     host: _ToHost
     feed: TokenFeed  # the tokens on the device: the next step's inputs
-    # Land at once: a row has penalties (its next step needs this token on the host), or the
-    # step completes a prompt. A first token is what a waiting client sees; and a prefill
-    # step is long on the GPU, so overlapping it saves little host time. Landing such steps a
-    # step late made the RAG burst's TTFT p50 0.26 s against 0.15 s (H200).
+    # Land at once: a row has penalties (its next step needs this token on the host) or is a
+    # beam (its group chooses on the host before it goes on), or the step completes a prompt.
+    # A first token is what a waiting client sees; and a prefill step is long on the GPU, so
+    # overlapping it saves little host time. Landing such steps a step late made the RAG
+    # burst's TTFT p50 0.26 s against 0.15 s (H200).
     lands_at_once: bool
 
 
@@ -131,6 +133,11 @@ class StepPipeline:
                 sampling_rows.append(SamplingRow(params, seq.generator))
             if params.logprobs is not None:
                 num_top = max(num_top, params.logprobs)
+            if params.beam_width > 1:
+                # The host chooses a group's next tokens from its beams' candidates before any
+                # beam's next step can launch (beam_search.py).
+                lands_at_once = True
+                num_top = max(num_top, num_candidates(seq.request))
             seq.num_pending += 1
         tokens = self.sampler(logits, sampling_rows)
         to_host = [tokens]
@@ -149,7 +156,8 @@ class StepPipeline:
             if seq.status is SequenceStatus.FINISHED:
                 continue  # stopped or aborted while this step ran: its token is dropped
             lp = None
-            if logprobs and seq.request.params.logprobs is not None:
+            params = seq.request.params
+            if logprobs and (params.logprobs is not None or params.beam_width > 1):
                 chosen, top_ids, top = logprobs
                 lp = SampledLogprobs(chosen[row], top_ids[row], top[row])
             landed.append(LandedToken(seq, token, lp))

@@ -7,6 +7,10 @@ lives on the sequence, so a request preempted and recomputed draws exactly what 
 Penalties (presence and frequency as in OpenAI's API, repetition as in vLLM and transformers)
 reshape a row's logits from the tokens its sequence already holds, before greedy or sampled
 choice alike; those rows carry their token history, which must therefore be on the host.
+
+A beam search request (`beam_width` > 1, beam_search.py) samples nothing: its rows' candidates
+come from `Sampler.logprobs`, so its params are checked here to hold no sampling knob it would
+silently ignore.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ class SamplingParams:
     # of tokens in the prompt or the output; 1 is off
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives
     output_kind: OutputKind = OutputKind.CUMULATIVE
+    # Beam search (transformers' num_beams without sampling): `n` of the `beam_width` best
+    # finished beams come back at the end, best first, scored sum(logprobs) / len**length_penalty.
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # False, True or "never", as in transformers
     # Derived once: the engine asks per sequence per step.
     has_penalties: bool = field(init=False, default=False)
 
@@ -105,6 +114,39 @@ class SamplingParams:
         )
         _check(isinstance(self.output_kind, OutputKind), f"output_kind must be an OutputKind, got {self.output_kind!r}")
         self.has_penalties = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+        self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        """Beams are ranked by the model's own log-probabilities (the raw logits' log_softmax, as
+        transformers scores them), which is temperature 1; temperature 0, greedy's spelling, is
+        read the same. What would change the ranking (another temperature, top-p/top-k, penalties)
+        or needs per-token text and logprobs of beams that may be dropped (stop strings, logprobs)
+        is refused rather than ignored. A seed is accepted and has no effect, as with greedy."""
+        _check(_is_int(self.beam_width) and self.beam_width >= 1, f"beam_width must be an integer >= 1, got {self.beam_width!r}")
+        _check(_is_real(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        _check(
+            isinstance(self.early_stopping, bool) or self.early_stopping == "never",
+            f"early_stopping must be true, false or 'never', got {self.early_stopping!r}",
+        )
+        if self.beam_width == 1:
+            _check(
+                self.length_penalty == 1.0 and self.early_stopping is False,
+                "length_penalty and early_stopping apply to beam search only: set beam_width > 1",
+            )
+            return
+        _check(self.n <= self.beam_width, f"n ({self.n}) must not exceed beam_width ({self.beam_width})")
+        _check(
+            self.temperature in (0.0, 1.0),
+            f"beam search ranks by the model's log-probabilities: temperature must be 0 or 1, got {self.temperature!r}",
+        )
+        refused = dict(
+            top_p=self.top_p < 1.0, top_k=self.top_k > 0, stop=bool(self.stop), logprobs=self.logprobs is not None,
+            presence_penalty=self.presence_penalty != 0, frequency_penalty=self.frequency_penalty != 0,
+            repetition_penalty=self.repetition_penalty != 1,
+        )
+        for name, used in refused.items():
+            _check(not used, f"{name} is not supported with beam search (beam_width > 1)")
+        self.temperature = 0.0  # a beam's row in the sampler is greedy: its sampled token goes unused
 
     @property
     def greedy(self) -> bool:

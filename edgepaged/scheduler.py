@@ -20,6 +20,10 @@ read what this one writes), a prefix hit counts at admission and a preemption re
 With overlapped steps (see overlap.py) a sequence may have its newest token still on the
 device: `Sequence.num_tokens` counts it, so its next one-token chunk is planned as usual, and a
 sequence whose token in flight is its last gets nothing more.
+
+Beam search (beam_search.py) forks beams from running ones mid-decode (`fork`), extends them
+(`append_token`) and drops them (`finish`); a beam whose candidates landed before its siblings'
+has nothing to compute until its group has chosen, and is passed over.
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ class Scheduler:
             seq = self.running[i]
             if seq.num_computed_tokens + 1 < seq.num_tokens:
                 computing.update(self.kv.unregistered_hashes(seq))
-            if seq.last_token_in_flight:
+            # Nothing to schedule: its last token is on the device, or (a beam whose candidates
+            # have landed) it waits for the rest of its beam group (beam_search.py).
+            if seq.last_token_in_flight or seq.num_computed_tokens == seq.num_tokens:
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)

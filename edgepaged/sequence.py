@@ -1,7 +1,8 @@
 """Request and sequence state: what the scheduler plans with.
 
 A request owns one sequence until its prompt is prefilled; with n > 1 it then forks into n
-sequences that share the prompt's blocks. The scheduler only ever sees sequences. Each field
+sequences that share the prompt's blocks. A beam search request's sequences are its live beams,
+forked and dropped step by step (beam_search.py). The scheduler only ever sees sequences. Each field
 has one writer: the scheduler (`num_computed_tokens`, `token_ids` past the prompt, `status`,
 `finish_reason`), the step pipeline (`num_pending`, overlap.py), the output processor
 (`Request.first_token_time`); the text and log-probabilities live in output_processor.py.
@@ -37,8 +38,9 @@ class Request:
 
     @property
     def needs_fork(self) -> bool:
-        """An n > 1 request runs one sequence until its prompt is prefilled, then forks."""
-        return len(self.sequences) < self.params.n
+        """An n > 1 request runs one sequence until its prompt is prefilled, then forks (beams
+        fork as the search goes, not here)."""
+        return self.params.beam_width == 1 and len(self.sequences) < self.params.n
 
     @property
     def finished(self) -> bool:

@@ -19,7 +19,7 @@ KERNELS = PACKAGE.parent / "kernels"
 LAYERS = [
     {"errors", "profiles", "sampling", "outputs", "detokenizer", "tokenizer", "attention", "config"},
     {"cache", "sequence", "kernels", "quant", "models", "memory"},
-    {"scheduler", "backends", "cuda_graph", "input_processor", "output_processor"},
+    {"scheduler", "backends", "cuda_graph", "input_processor", "output_processor", "beam_search"},
     {"model_runner", "planning"},
     {"overlap"},
     {"engine"},

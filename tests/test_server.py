@@ -257,6 +257,22 @@ def test_n_seed_and_stop(live, offline):
     assert got.choices[0].finish_reason == "stop"
 
 
+def test_beam_search_matches_offline(live, offline):
+    """`beam_width` on both endpoints: the `n` best of the offline engine's beams, best first."""
+    prompt = "The capital of France is"
+    params = SamplingParams(n=2, beam_width=3, max_tokens=8, ignore_eos=True, length_penalty=0.5)
+    offline.add_request("beam-ref", prompt, params)
+    want = offline.run_to_completion(["beam-ref"])["beam-ref"].outputs
+    extra = {"beam_width": 3, "length_penalty": 0.5, "ignore_eos": True}
+    got = live.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, n=2, extra_body=extra)
+    assert [c.text for c in got.choices] == [o.text for o in want]
+    assert got.usage.completion_tokens == sum(len(o.token_ids) for o in want)
+    chat = live.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, extra_body={"beam_width": 2}
+    )
+    assert len(chat.choices) == 1 and chat.choices[0].finish_reason in ("stop", "length")
+
+
 def test_64_concurrent_streams_match_offline(live, offline):
     prompts = [f"Request {i}: write about the number {i * 7}" for i in range(64)]
     want = offline_greedy(offline, prompts, 8)
@@ -375,6 +391,15 @@ BAD_REQUESTS = [
     ("prompt longer than context", "/v1/completions", {"model": MODEL, "prompt": _LONG_PROMPT}, AUTH, 400, "context"),
     ("logprobs while streaming", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2, "stream": True},
      AUTH, 400, "stream"),
+    ("beam search while streaming", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "beam_width": 2, "stream": True}, AUTH, 400, "'stream' is not supported with 'beam_width'"),
+    ("chat beam search while streaming", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "beam_width": 2, "stream": True}, AUTH, 400,
+     "beam_width"),
+    ("n above beam_width", "/v1/completions", {"model": MODEL, "prompt": "x", "beam_width": 2, "n": 3}, AUTH, 400,
+     "must not exceed beam_width"),
+    ("sampled beam search", "/v1/completions", {"model": MODEL, "prompt": "x", "beam_width": 2, "temperature": 0.7},
+     AUTH, 400, "temperature must be 0 or 1"),
     ("logprobs out of range", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, AUTH, 400, "logprobs"),
     ("top_logprobs alone", "/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, AUTH, 400, "top_logprobs"),

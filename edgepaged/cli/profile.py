@@ -58,8 +58,6 @@ def show_command(
     profile = _load(name)
     try:
         if device_matches(profile):
-            from ..engine import measure_plan
-
             plan = measure_plan(model, profile)
         else:
             from ..models.loader import resolve_model
@@ -69,6 +67,18 @@ def show_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(plan.to_json(), indent=2) if as_json else plan.format_table())
+
+
+def measure_plan(model: str | Path | None, profile: str | Path | DeviceProfile) -> MemoryPlan:
+    """The uncapped memory plan for `model` on this device under `profile`."""
+    from ..engine import LLMEngine
+    from ..planning import plan_for
+
+    engine = LLMEngine.from_model(model, profile, max_kv_blocks=1, cuda_graphs=False)
+    return plan_for(
+        engine.runner, engine.config, engine.model_config, engine.profile,
+        weights_bytes=engine.weights_bytes, max_model_len=engine.max_model_len, cap_blocks=None,
+    )
 
 
 def plan_from_figures(profile: DeviceProfile, folder: Path) -> MemoryPlan:

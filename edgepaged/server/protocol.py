@@ -86,6 +86,11 @@ class SamplingRequest(BaseModel):
     top_k: int = Field(default=-1, ge=-1, le=MAX_TOP_K)  # -1 or 0: off; the app also bounds it by the vocabulary
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
+    # Beam search (docs/beam-search.md): `n` of the beam_width best beams, best first. The
+    # engine bounds beam_width by its batch (max_num_seqs) and refuses sampling knobs with it.
+    beam_width: int = Field(default=1, ge=1)
+    length_penalty: float = Field(default=1.0, allow_inf_nan=False)
+    early_stopping: bool | Literal["never"] = False
 
     @field_validator("stop")
     @classmethod
@@ -110,6 +115,11 @@ class SamplingRequest(BaseModel):
                 raise ValueError(f"'{name}' is not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
+        if self.stream and self.beam_width > 1:
+            raise ValueError(
+                "'stream' is not supported with 'beam_width' > 1: which beams win is known only when "
+                "the search ends, so there is nothing to stream before the whole answer"
+            )
         return self
 
     @property

@@ -175,6 +175,9 @@ def _prepared(engine: AsyncEngine, body: SamplingRequest, ids: list[int], defaul
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty,
+            beam_width=body.beam_width,
+            length_penalty=body.length_penalty,
+            early_stopping=body.early_stopping,
             # Each step hands over only what is new: building 256 cumulative outputs a step was
             # most of the engine thread's update at large batches.
             output_kind=OutputKind.DELTA,
