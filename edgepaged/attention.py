@@ -122,6 +122,10 @@ class AttentionBackend(ABC):
     """
 
     name: str
+    # Whether `attend_written` exists: attention over decode rows whose K/V a fused projection
+    # already wrote into the pools (kernels/decode_gemv.py's ROPE_KV epilogue). Such a backend's
+    # prepared state carries the step's AttentionBatch as `.batch` (the projection reads its slots).
+    attends_written_kv: bool = False
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, kv_dtype: torch.dtype | None = None
@@ -149,3 +153,10 @@ class AttentionBackend(ABC):
         prepared: Any,
     ) -> torch.Tensor:
         """Write this step's K/V into their slots, then attend; returns [T, num_heads, head_dim]."""
+
+    def attend_written(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prepared: Any
+    ) -> torch.Tensor:
+        """Decode attention of q [T, Hq, D] (one token per sequence, no prefill rows) over pools
+        that already hold this step's K/V; only where `attends_written_kv`."""
+        raise NotImplementedError(f"the {self.name} backend writes K/V itself (see attends_written_kv)")

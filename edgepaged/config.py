@@ -5,6 +5,7 @@ Every layer below the engine reads this one object; nothing below reads the prof
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,41 @@ import torch
 from .profiles import KV_8BIT_DTYPES, DeviceProfile
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FUSIONS_ENV = "EDGEPAGED_FUSIONS"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeFusions:
+    """Which launch-saving fusions a CUDA decode step runs (kernels/decode_gemv.py); each one can
+    be switched off alone so that its gain is measured, not assumed (scripts/check_fusion_gpu.py).
+
+    All but `attn` apply to a one-token step (a batch-1 decode) over dense weights; quantized
+    linears keep their own kernels, and what a fusion cannot cover (8-bit KV pools, Qwen3's q/k
+    norms, partial rotary) takes the unfused path.
+    """
+
+    qkv: bool = True  # (embedding or residual add) + RMSNorm + QKV + rope + KV write: one launch
+    attn: bool = True  # split decode attention merges in its own launch (any batch size)
+    mlp: bool = True  # residual add + RMSNorm + gate_up + SiLU * up: one launch
+    gemv: bool = True  # o_proj and down_proj through the same GEMV kernel instead of cuBLAS
+    greedy: bool = True  # lm_head + argmax in one launch when every row is plainly greedy
+
+    @classmethod
+    def parse(cls, text: str) -> DecodeFusions:
+        """"all", "none", or a comma-separated list of the field names that are on."""
+        text = text.strip().lower()
+        names = [f for f in cls.__dataclass_fields__]
+        if text in ("", "all"):
+            return cls()
+        wanted = set() if text == "none" else {t.strip() for t in text.split(",") if t.strip()}
+        unknown = wanted - set(names)
+        if unknown:
+            raise ValueError(f"{FUSIONS_ENV}: unknown fusion(s) {sorted(unknown)}; known: all, none, {', '.join(names)}")
+        return cls(**{name: name in wanted for name in names})
+
+    @classmethod
+    def from_env(cls) -> DecodeFusions:
+        return cls.parse(os.environ.get(FUSIONS_ENV, "all"))
 
 
 @dataclass(frozen=True, slots=True)

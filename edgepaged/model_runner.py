@@ -19,6 +19,7 @@ import torch
 
 from .attention import KV_SCALE_DTYPE, AttentionBackend, AttentionBatch, QuantizedCache
 from .cache import KVCacheManager
+from .config import DecodeFusions
 from .cuda_graph import DecodeGraphs, FedRows, graphs_requested, stage
 from .models.llama import LlamaForCausalLM
 from .scheduler import ScheduledChunk, SchedulerOutput
@@ -33,10 +34,12 @@ GRAPH_MAX_CHUNK = 16
 
 @dataclass(slots=True)
 class StepResult:
-    """Logits for the chunks that reached their sequence's end, in `sampled` order."""
+    """Logits for the chunks that reached their sequence's end, in `sampled` order, or (a
+    one-row greedy step, see LlamaForCausalLM.greedy_tokens) their tokens instead."""
 
     logits: torch.Tensor | None
     sampled: list[ScheduledChunk]
+    tokens: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -264,6 +267,15 @@ class ModelRunner:
             and graphs_requested(self.cuda_graphs)
         )
 
+    def set_decode_fusions(self, fusions: DecodeFusions) -> None:
+        """Switch the decode fusions (for measuring each one); decode graphs are captured again."""
+        self.model.decode_fusions = fusions
+        if hasattr(self.backend, "merge_in_kernel"):
+            self.backend.merge_in_kernel = fusions.attn
+        if self.graphs is not None:
+            self.graphs = None
+            self.graphs = self._capture_graphs()
+
     @torch.inference_mode()
     def profile_run(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
         """Run the largest steps the scheduler may issue, on a throwaway cache, so the caller
@@ -363,7 +375,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, kv: KVCacheManager, fed: FedRows | None = None) -> StepResult:
         """Launch the step; nothing here waits for the device. `fed` names the rows whose
-        tokens are still on the device (steps overlapping, see overlap.py)."""
+        tokens are still on the device (steps overlapping, see overlap.py). A step sampling one
+        plainly greedy row (SamplingParams.plain_greedy) may return its token, not logits."""
         self.copy_blocks(out.block_copies)
         chunks = out.chunks
         step = self.build_step(chunks, kv, tables_changed=bool(out.block_copies))
@@ -377,6 +390,11 @@ class ModelRunner:
         if not step.sample_rows.shape[0]:
             return StepResult(None, [])
         sampled = [c for c in chunks if c.completes_prompt]
+        if self.model.folds_greedy(len(sampled)) and sampled[0].seq.request.params.plain_greedy:
+            if not step.samples_every_row:
+                (rows,) = stage([step.sample_rows], self.device)
+                hidden = hidden[rows]
+            return StepResult(None, sampled, self.model.greedy_tokens(hidden))
         return StepResult(self._sample(step, hidden), sampled)
 
     def _forward_eager(self, step: HostStep, fed: FedRows | None = None) -> torch.Tensor:

@@ -111,14 +111,16 @@ class StepPipeline:
         flight = self.in_flight
         fed = flight.feed.for_step([c.seq for c in sched.chunks]) if flight is not None else None
         result = self.runner.execute(sched, kv, fed)
-        if result.logits is None:
+        if result.logits is None and result.tokens is None:
             return None
         seqs, rows = [], []
         for row, chunk in enumerate(result.sampled):
             for seq in (chunk.seq, *forks.get(chunk.seq.seq_id, ())):
                 seqs.append(seq)
                 rows.append(row)
-        logits = result.logits if len(rows) == len(result.sampled) else self.sampler.select(result.logits, rows)
+        logits = result.logits
+        if logits is not None and len(rows) != len(result.sampled):
+            logits = self.sampler.select(logits, rows)
         sampling_rows, num_top = [], -1
         lands_at_once = any(c.num_tokens > 1 or c.start < c.seq.num_prompt_tokens for c in result.sampled)
         for seq in seqs:
@@ -139,7 +141,7 @@ class StepPipeline:
                 lands_at_once = True
                 num_top = max(num_top, num_candidates(seq.request))
             seq.num_pending += 1
-        tokens = self.sampler(logits, sampling_rows)
+        tokens = result.tokens if result.tokens is not None else self.sampler(logits, sampling_rows)
         to_host = [tokens]
         if num_top >= 0:
             to_host += self.sampler.logprobs(logits, tokens, num_top)

@@ -152,6 +152,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the logits afterwards (log-probabilities, penalties,
+        beams): the token alone is the answer, so the logits kernel may return it."""
+        return (
+            self.greedy and self.n == 1 and self.logprobs is None and not self.has_penalties and self.beam_width == 1
+        )
+
 
 
 def _check(ok: bool, message: str) -> None:

@@ -160,6 +160,7 @@ def _paged_decode_kernel(
     partial_out_ptr,
     partial_max_ptr,
     partial_sum_ptr,
+    counters_ptr,
     queries_per_kv,
     split_len,
     stride_qb,
@@ -184,10 +185,13 @@ def _paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
     KV_QUANT: tl.constexpr,
+    MERGE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Grid (sequence, KV head, split). Without SPLIT the one split covers the whole context
     and the program writes the normalised output; with SPLIT it writes its partial state.
-    KV_QUANT reads 8-bit pools and their scales (see `attend_tile`)."""
+    KV_QUANT reads 8-bit pools and their scales (see `attend_tile`). MERGE (with SPLIT): the
+    last split of a (sequence, KV head) to finish merges them all, so no merge kernel runs."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -199,7 +203,12 @@ def _paged_decode_kernel(
         seq_split_len = _split_len(context_len, num_splits, split_len)
         start = split * seq_split_len
         if start >= context_len:
-            return  # the merge kernel only reads splits that hold keys
+            if MERGE and split == 0:  # an empty context (a padded row) yields zeros, as the merge kernel's
+                offs = tl.arange(0, BLOCK_G)[:, None] * stride_oh + tl.arange(0, BLOCK_D)[None, :]
+                ok = (tl.arange(0, BLOCK_G)[:, None] < queries_per_kv) & (tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM)
+                dst = out_ptr + seq.to(tl.int64) * stride_ob + kv_head * queries_per_kv * stride_oh + offs
+                tl.store(dst, tl.zeros([BLOCK_G, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=ok)
+            return  # the merge only reads splits that hold keys
         end = tl.minimum(start + seq_split_len, context_len)
     else:
         start = 0
@@ -248,6 +257,20 @@ def _paged_decode_kernel(
             acc,
             mask=row_ok[:, None] & d_mask[None, :],
         )
+        if MERGE:
+            # The splits that hold keys each count in once; the one that counts last sees every
+            # other's partials (the barrier orders this program's stores before its release,
+            # the acquire orders the reads after it) and resets the counter for the next launch.
+            used = tl.cdiv(context_len, seq_split_len)
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            tl.debug_barrier()
+            if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
+                for g in range(queries_per_kv):
+                    _merge_head(out_ptr + seq64 * stride_ob + (kv_head * queries_per_kv + g) * stride_oh,
+                                partial_out_ptr, partial_max_ptr, partial_sum_ptr,
+                                (seq64 * num_q_heads + kv_head * queries_per_kv + g) * num_splits, used,
+                                HEAD_DIM, BLOCK_D, BLOCK_S, True)
+                tl.atomic_xchg(counter, 0)
     else:
         # An empty context (a padded row of a captured batch) yields zeros, not 0/0.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -256,6 +279,33 @@ def _paged_decode_kernel(
             out.to(out_ptr.dtype.element_ty),
             mask=row_ok[:, None] & d_mask[None, :],
         )
+
+
+@triton.jit
+def _merge_head(out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr, first_row, used,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, UNCACHED: tl.constexpr):
+    """One query head's output from the `used` partial states at rows first_row...: rescale each
+    to the global max and normalise once. UNCACHED reads around L1 (the partials were written by
+    other programs of the same launch)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < used
+    row = first_row + offs_s
+    modifier: tl.constexpr = ".cg" if UNCACHED else ""
+    m = tl.load(partial_max_ptr + row, mask=s_ok, other=float("-inf"), cache_modifier=modifier)
+    l = tl.load(partial_sum_ptr + row, mask=s_ok, other=0.0, cache_modifier=modifier)
+    part = tl.load(
+        partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+        cache_modifier=modifier,
+    )
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+    total = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["split_len", "num_splits"])
@@ -273,35 +323,16 @@ def _merge_splits_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """Grid (sequence, query head): rescale each split's partial state to the global max and
-    normalise once. Splits past the context were never written, so they are masked by count."""
+    """Grid (sequence, query head): merge the head's splits. Splits past the context were never
+    written, so they are masked by count."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_q_heads = tl.num_programs(1)
     context_len = tl.load(context_lens_ptr + seq)
     used = tl.cdiv(context_len, _split_len(context_len, num_splits, split_len))
-
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < used
-    row = (seq.to(tl.int64) * num_q_heads + head) * num_splits + offs_s
-    m = tl.load(partial_max_ptr + row, mask=s_ok, other=float("-inf"))
-    l = tl.load(partial_sum_ptr + row, mask=s_ok, other=0.0)
-    part = tl.load(
-        partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
-    total = tl.sum(w * l, 0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(
-        out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
+    _merge_head(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh, partial_out_ptr, partial_max_ptr,
+                partial_sum_ptr, (seq.to(tl.int64) * num_q_heads + head) * num_splits, used,
+                HEAD_DIM, BLOCK_D, BLOCK_S, False)
 
 
 @dataclass(slots=True)
@@ -323,6 +354,9 @@ class DecodePlan:
     partial_out: torch.Tensor | None  # fp32 [num_seqs, num_q_heads, num_splits, head_dim]
     partial_max: torch.Tensor | None  # fp32 [num_seqs, num_q_heads, num_splits], log2 domain
     partial_sum: torch.Tensor | None  # fp32 [num_seqs, num_q_heads, num_splits]
+    # int32 [num_seqs, num_kv_heads], zeroed: splits count in here and the last one merges (one
+    # launch instead of two). None: the merge kernel runs.
+    counters: torch.Tensor | None = None
 
 
 @functools.cache
@@ -351,6 +385,7 @@ def plan_decode(
     device: torch.device | str,
     *,
     num_splits: int | None = None,
+    merge_in_kernel: bool = False,
 ) -> DecodePlan:
     """Choose the split of the context for a decode step and allocate its scratch.
 
@@ -359,7 +394,8 @@ def plan_decode(
     16 splits on an H100, at batch 256 none. `num_splits` overrides it (tests use that to
     exercise the split path on small shapes); the count may come out lower once split lengths
     are rounded up to _SPLIT_ALIGN. Shorter sequences of the batch get shorter splits, down to
-    _MIN_SPLIT_TOKENS keys (or the longest one's split, if that is shorter).
+    _MIN_SPLIT_TOKENS keys (or the longest one's split, if that is shorter). `merge_in_kernel`
+    makes a split plan one launch: the last split of each (sequence, KV head) merges.
     """
     device = torch.device(device)
     max_context_len = max(max_context_len, 1)
@@ -383,6 +419,7 @@ def plan_decode(
         torch.empty(*shape, head_dim, dtype=torch.float32, device=device),
         torch.empty(shape, dtype=torch.float32, device=device),
         torch.empty(shape, dtype=torch.float32, device=device),
+        torch.zeros(num_seqs, num_kv_heads, dtype=torch.int32, device=device) if merge_in_kernel else None,
     )
 
 
@@ -455,13 +492,14 @@ def paged_decode_attention(
 
     split = plan.num_splits > 1
     scratch = (plan.partial_out, plan.partial_max, plan.partial_sum) if split else (out, out, out)
+    merge = split and plan.counters is not None
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n, num_warps, num_stages = _decode_tiles(q.dtype)
     quantized = k_scale is not None
     scales = (k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)) if quantized else (k_cache, v_cache, 0, 0)
     _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
         out, q, k_cache, v_cache, *scales[:2], block_tables, context_lens, *scratch,
-        queries_per_kv, plan.split_len,
+        plan.counters if merge else context_lens, queries_per_kv, plan.split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -475,10 +513,12 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         SPLIT=split,
         KV_QUANT=quantized,
+        MERGE=merge,
+        BLOCK_S=triton.next_power_of_2(plan.num_splits),
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if split:
+    if split and not merge:
         _merge_splits_kernel[(num_seqs, num_q_heads)](
             out, *scratch, context_lens, plan.split_len, plan.num_splits,
             out.stride(0), out.stride(1),

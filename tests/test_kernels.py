@@ -366,10 +366,12 @@ def _check_compile(arch, head_dim=128, dtypes=("float16", "float32"), kv_dtype=N
     from triton.compiler import ASTSource
 
     from edgepaged.kernels import paged_decode_attention, paged_prefill_attention, plan_decode, write_kv
+    from test_fused_decode import record_decode_gemv_launches
 
     # import_module, not attribute access: the package's `write_kv` function shadows its module.
-    decode_mod, prefill_mod, write_mod = (
-        importlib.import_module(f"edgepaged.kernels.{name}") for name in ("paged_decode", "paged_prefill", "write_kv")
+    decode_mod, prefill_mod, write_mod, gemv_mod = (
+        importlib.import_module(f"edgepaged.kernels.{name}")
+        for name in ("paged_decode", "paged_prefill", "write_kv", "decode_gemv")
     )
 
     launches = []
@@ -388,6 +390,7 @@ def _check_compile(arch, head_dim=128, dtypes=("float16", "float32"), kv_dtype=N
         (prefill_mod, "_paged_prefill_quant_kernel"),
         (write_mod, "_write_kv_kernel"),
         (write_mod, "_write_kv_quant_kernel"),
+        (gemv_mod, "_decode_gemv_kernel"),
     )
     originals = [getattr(module, name) for module, name in targets]
     for (module, name), kernel in zip(targets, originals, strict=True):
@@ -408,9 +411,12 @@ def _check_compile(arch, head_dim=128, dtypes=("float16", "float32"), kv_dtype=N
             lens = torch.full((4,), 100, dtype=torch.int32)
             kv_rows = q[:, :num_kv_heads]
             write_kv(kv_rows, kv_rows, k_cache, v_cache, torch.zeros(4, dtype=torch.int64), **scales)
-            for splits in (1, 2):
-                plan = plan_decode(4, num_kv_heads * group, num_kv_heads, head_dim, 128, "cpu", num_splits=splits)
+            for splits, merge in ((1, False), (2, False), (2, True)):
+                plan = plan_decode(4, num_kv_heads * group, num_kv_heads, head_dim, 128, "cpu", num_splits=splits,
+                                   merge_in_kernel=merge)
                 paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1, plan=plan, **scales)
+            if kv_dtype is None and dt != torch.float32:
+                record_decode_gemv_launches(dt)
             starts = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
             paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, 0.1, **scales)
     finally:
@@ -456,7 +462,11 @@ def _check_compile(arch, head_dim=128, dtypes=("float16", "float32"), kv_dtype=N
                 [cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
             ).stdout
         stack = [int(tok.split(":")[1]) for tok in dump.split() if tok.startswith("STACK:")]
-        variant = "-split" if constexprs.get("SPLIT") else ""
+        variant = "".join(
+            f"-{key.lower()}" + ("" if constexprs[key] is True else str(constexprs[key]))
+            for key in ("SPLIT", "MERGE", "EPILOGUE", "NORM", "GATHER", "K")
+            if constexprs.get(key)
+        )
         usage[f"{kernel.fn.__name__}{variant}-{signature[kernel.arg_names[0]]}"] = {
             "stack_bytes": max(stack),
             "shared": compiled.metadata.shared,

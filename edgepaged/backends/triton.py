@@ -17,6 +17,7 @@ import torch
 
 from ..kernels import DecodePlan, paged_decode_attention, paged_prefill_attention, plan_decode, write_kv
 from ..attention import AttentionBackend, AttentionBatch, QuantizedCache
+from ..config import DecodeFusions
 
 
 @dataclass(slots=True)
@@ -26,7 +27,15 @@ class TritonPrepared:
 
 
 class TritonBackend(AttentionBackend):
+    """`merge_in_kernel` (DecodeFusions.attn, from EDGEPAGED_FUSIONS; settable for measurement
+    before graphs are captured): a split decode context merges inside the attention launch."""
+
     name = "triton"
+    attends_written_kv = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.merge_in_kernel = DecodeFusions.from_env().attn
 
     def prepare(self, batch: AttentionBatch) -> TritonPrepared:
         if not batch.num_decode_tokens:
@@ -38,6 +47,7 @@ class TritonBackend(AttentionBackend):
             self.head_dim,
             batch.max_decode_context_len,
             batch.slot_mapping.device,
+            merge_in_kernel=self.merge_in_kernel,
         )
         return TritonPrepared(batch, plan)
 
@@ -70,3 +80,12 @@ class TritonBackend(AttentionBackend):
                 **scales,
             )
         return out
+
+    def attend_written(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prepared: TritonPrepared
+    ) -> torch.Tensor:
+        batch = prepared.batch
+        return paged_decode_attention(
+            q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, self.scale,
+            plan=prepared.decode_plan,
+        )

@@ -10,6 +10,12 @@ runs as one Triton kernel each instead of a chain of eager ops, and the residual
 beside the hidden states so the add fuses into the next norm. The CPU path keeps the eager ops,
 which match transformers bit for bit; the choice is made once, at construction.
 
+A one-token step (batch-1 decode) on CUDA goes further (`DecodeFusions`, kernels/decode_gemv.py):
+add + norm + QKV + rope + KV write is one launch (the first layer's reads the embedding row
+itself), add + norm + gate_up + SiLU * up another, o_proj and down_proj a GEMV each, and a greedy
+row's lm_head returns the token. A projection whose weight is quantized, or a layer the fused
+epilogue does not cover, takes the path above.
+
 The families differ only in attention: Qwen3 RMS-normalises each q and k head before rope
 (`q_norm`/`k_norm`), and Phi-4-mini rotates only the first `rotary_dim` dims of each head
 (partial rotary; the rope tables are that wide), on both paths.
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionBackend
+from ..config import DecodeFusions
 from .config import ModelConfig
 from .rope import rope_tables
 
@@ -46,6 +53,13 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     return weight.linear(x, bias)
+
+
+def project(x: torch.Tensor, layer: Linear, gemv: bool) -> torch.Tensor:
+    """layer(x), through the decode GEMV for one token of a dense weight when `gemv`."""
+    if gemv and x.shape[0] == 1 and isinstance(layer.weight, torch.Tensor):
+        return _kernels().decode_gemv(x, layer.weight, layer.bias)[0]
+    return layer(x)
 
 
 def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
@@ -122,7 +136,32 @@ class Attention(nn.Module):
         out = self.backend.forward(q, k, v, k_cache, v_cache, prepared)
         return self.o_proj(out.reshape(t, self.q_size))
 
-    def forward_fused(self, x, positions, cos_table, sin_table, k_cache, v_cache, prepared) -> torch.Tensor:
+    def fuses_qkv(self, k_cache) -> bool:
+        """Whether a one-token step can run norm + QKV + rope + KV write as one launch: a dense
+        weight, full rotary, no q/k norms, a 16-bit pool and a backend that then attends only."""
+        return (
+            isinstance(self.qkv_proj.weight, torch.Tensor)
+            and self.q_norm is None
+            and self.rotary_dim == self.head_dim
+            and isinstance(k_cache, torch.Tensor)
+            and self.backend.attends_written_kv
+        )
+
+    def forward_one(self, x, residual, norm: RMSNorm, ids, positions, cos_table, sin_table, k_cache, v_cache,
+                    prepared, gemv: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output after o_proj, residual stream) of one token: the norm's prologue,
+        rope and the K/V write ride on the QKV launch, so attention only reads. With `ids`, x is
+        the embedding table and the row is gathered in the same launch."""
+        kernels = _kernels()
+        rope = kernels.RopeKV(self.num_heads, self.num_kv_heads, self.head_dim, positions, cos_table, sin_table,
+                              prepared.batch.slot_mapping, k_cache, v_cache)
+        prologue = kernels.GemvPrologue(norm.weight, residual, ids, norm.eps)
+        q, residual = kernels.decode_gemv(x, self.qkv_proj.weight, self.qkv_proj.bias, prologue=prologue,
+                                          epilogue=kernels.ROPE_KV, rope_kv=rope)
+        out = self.backend.attend_written(q.view(1, self.num_heads, self.head_dim), k_cache, v_cache, prepared)
+        return project(out.view(1, self.q_size), self.o_proj, gemv), residual
+
+    def forward_fused(self, x, positions, cos_table, sin_table, k_cache, v_cache, prepared, gemv: bool = False):
         """Rope applied in place on the QKV output, the tables indexed by position in the kernel.
 
         Qwen3's q/k norms run first, through the fused norm kernel with no residual, one head
@@ -136,7 +175,7 @@ class Attention(nn.Module):
         rd = self.rotary_dim
         _kernels().rotary_embedding_(q[..., :rd], k[..., :rd], positions, cos_table, sin_table)
         out = self.backend.forward(q, k, v, k_cache, v_cache, prepared)
-        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+        return project(out.reshape(x.shape[0], self.q_size), self.o_proj, gemv)
 
 
 class MLP(nn.Module):
@@ -149,8 +188,20 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_kernels().silu_and_mul(self.gate_up_proj(x)))
+    def forward_fused(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, fusions: DecodeFusions
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down_proj(silu(gate) * up) of norm(x + residual), x + residual); for one token of a
+        dense gate_up the add, the norm and SiLU * up ride on the gate_up launch."""
+        kernels = _kernels()
+        if fusions.mlp and x.shape[0] == 1 and isinstance(self.gate_up_proj.weight, torch.Tensor):
+            prologue = kernels.GemvPrologue(norm.weight, residual, None, norm.eps)
+            h, residual = kernels.decode_gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias,
+                                              prologue=prologue, epilogue=kernels.SILU_MUL)
+        else:
+            h, residual = norm.forward_fused(x, residual)
+            h = kernels.silu_and_mul(self.gate_up_proj(h))
+        return project(h, self.down_proj, fusions.gemv), residual
 
 
 class DecoderLayer(nn.Module):
@@ -166,14 +217,20 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_fused(
-        self, x, residual, positions, cos_table, sin_table, k_cache, v_cache, prepared
+        self, x, residual, positions, cos_table, sin_table, k_cache, v_cache, prepared,
+        fusions: DecodeFusions, ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the caller's next norm adds
-        the two, so no separate add kernel runs. residual is None for the first layer."""
-        h, residual = self.input_layernorm.forward_fused(x, residual)
-        h = self.self_attn.forward_fused(h, positions, cos_table, sin_table, k_cache, v_cache, prepared)
-        h, residual = self.post_attention_layernorm.forward_fused(h, residual)
-        return self.mlp.forward_fused(h), residual
+        the two, so no separate add kernel runs. residual is None for the first layer; `ids`
+        (first layer, one token) means x is the embedding table, read in the QKV launch."""
+        attn = self.self_attn
+        if ids is not None or (fusions.qkv and x.shape[0] == 1 and attn.fuses_qkv(k_cache)):
+            h, residual = attn.forward_one(x, residual, self.input_layernorm, ids, positions, cos_table, sin_table,
+                                           k_cache, v_cache, prepared, fusions.gemv)
+        else:
+            h, residual = self.input_layernorm.forward_fused(x, residual)
+            h = attn.forward_fused(h, positions, cos_table, sin_table, k_cache, v_cache, prepared, fusions.gemv)
+        return self.mlp.forward_fused(h, residual, self.post_attention_layernorm, fusions)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -186,6 +243,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.fused = torch.device(device).type == "cuda"
+        # Settable for measurement before decode graphs are captured (ModelRunner.set_decode_fusions).
+        self.decode_fusions = DecodeFusions.from_env()
+        self._argmax_scratch = None
         if self.fused:
             _kernels()  # a missing or broken Triton fails the load, not the first step
         wdev = device if weights_device is None else weights_device
@@ -199,14 +259,23 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, prepared) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for a flat batch of T tokens."""
-        x = embedding(input_ids, self.embed_tokens)
         if self.fused:
-            residual = None
+            fusions = self.decode_fusions
+            gather = (
+                fusions.qkv
+                and input_ids.shape[0] == 1
+                and isinstance(self.embed_tokens, torch.Tensor)
+                and self.layers[0].self_attn.fuses_qkv(kv_caches[0][0])
+            )
+            x = self.embed_tokens if gather else embedding(input_ids, self.embed_tokens)
+            ids, residual = (input_ids if gather else None), None
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
                 x, residual = layer.forward_fused(
-                    x, residual, positions, self.rope_cos, self.rope_sin, k_cache, v_cache, prepared
+                    x, residual, positions, self.rope_cos, self.rope_sin, k_cache, v_cache, prepared, fusions, ids
                 )
+                ids = None
             return self.norm.forward_fused(x, residual)[0]
+        x = embedding(input_ids, self.embed_tokens)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
@@ -215,3 +284,17 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.embed_tokens if self.lm_head is None else self.lm_head)
+
+    def folds_greedy(self, num_rows: int) -> bool:
+        """Whether `greedy_tokens` applies: one row, a dense lm_head, the fusion on (CUDA)."""
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        return self.fused and self.decode_fusions.greedy and num_rows == 1 and isinstance(weight, torch.Tensor)
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """argmax of compute_logits(hidden) [1, hidden] as int64 [1], in one launch that never
+        writes the logits (the lm_head GEMV reduces its own maxima)."""
+        kernels = _kernels()
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        if self._argmax_scratch is None:
+            self._argmax_scratch = kernels.argmax_scratch_for(*weight.shape, weight.device)
+        return kernels.decode_gemv(hidden, weight, epilogue=kernels.ARGMAX, argmax_scratch=self._argmax_scratch)[0]
