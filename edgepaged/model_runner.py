@@ -390,11 +390,9 @@ class ModelRunner:
         if not step.sample_rows.shape[0]:
             return StepResult(None, [])
         sampled = [c for c in chunks if c.completes_prompt]
-        if self.model.folds_greedy(len(sampled)) and sampled[0].seq.request.params.plain_greedy:
-            if not step.samples_every_row:
-                (rows,) = stage([step.sample_rows], self.device)
-                hidden = hidden[rows]
-            return StepResult(None, sampled, self.model.greedy_tokens(hidden))
+        if self.model.folds_greedy(step.sample_rows.shape[0]) and sampled[0].seq.request.params.plain_greedy:
+            row = int(step.sample_rows[0])
+            return StepResult(None, sampled, self.model.greedy_tokens(hidden[row : row + 1]))
         return StepResult(self._sample(step, hidden), sampled)
 
     def _forward_eager(self, step: HostStep, fed: FedRows | None = None) -> torch.Tensor:

@@ -38,18 +38,31 @@ PLAIN, SILU_MUL, ROPE_KV, ARGMAX = 0, 1, 2, 3
 
 
 @triton.jit
-def _input_chunk(x_row, residual_row, norm_w_ptr, offs_k, k_mask, rstd,
-                 NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """Columns offs_k of the projection's input, as fp32 holding model-dtype values."""
+def _summed_chunk(x_row, residual_row, offs_k, k_mask, HAS_RESIDUAL: tl.constexpr):
+    """Columns offs_k of x (+ residual, rounded as the eager add), as fp32."""
     x = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
-    dtype = x.dtype
     if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)).to(dtype)
-    if NORM:
-        normed = (x.to(tl.float32) * rstd).to(dtype)
-        w = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0)
-        x = (w.to(tl.float32) * normed.to(tl.float32)).to(dtype)
+        r = tl.load(residual_row + offs_k, mask=k_mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
     return x.to(tl.float32)
+
+
+@triton.jit
+def _normed_chunk(x, norm_w_ptr, offs_k, k_mask, rstd):
+    """weight * rmsnorm(x) on columns offs_k, rounded as RMSNorm.forward rounds it, as fp32."""
+    w = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0)
+    normed = (x * rstd).to(w.dtype)
+    return (w.to(tl.float32) * normed.to(tl.float32)).to(w.dtype).to(tl.float32)
+
+
+@triton.jit
+def _input_chunk(x_row, residual_row, norm_w_ptr, offs_k, k_mask, rstd, NORM: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr):
+    """Columns offs_k of the projection's input, as fp32 holding model-dtype values."""
+    x = _summed_chunk(x_row, residual_row, offs_k, k_mask, HAS_RESIDUAL)
+    if NORM:
+        x = _normed_chunk(x, norm_w_ptr, offs_k, k_mask, rstd)
+    return x
 
 
 @triton.jit
@@ -99,8 +112,10 @@ def _decode_gemv_kernel(
     if GATHER:
         x_row = x_ptr + tl.load(ids_ptr).to(tl.int64) * stride_x
 
+    # One K step (K <= BLOCK_K): x is read once, for the norm and the product alike.
+    ONE_STEP: tl.constexpr = K <= BLOCK_K
     rstd = 1.0
-    if NORM:
+    if NORM and not ONE_STEP:
         sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + offs_k0
@@ -131,14 +146,31 @@ def _decode_gemv_kernel(
     w_b = w_ptr + rows_b.to(tl.int64)[:, None] * stride_w
     acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + offs_k0
-        k_mask = offs_k < K
-        x = _input_chunk(x_row, residual_ptr, norm_w_ptr, offs_k, k_mask, rstd, NORM, HAS_RESIDUAL)
+    if ONE_STEP:
+        k_mask = offs_k0 < K
         tile_mask = n_mask[:, None] & k_mask[None, :]
-        acc_a += tl.load(w_a + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32) * x[None, :]
+        # The weight loads go first: nothing in them waits for the prologue's arithmetic.
+        w_tile_a = tl.load(w_a + offs_k0[None, :], mask=tile_mask, other=0.0)
         if PAIRED:
-            acc_b += tl.load(w_b + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32) * x[None, :]
+            w_tile_b = tl.load(w_b + offs_k0[None, :], mask=tile_mask, other=0.0)
+        x = _summed_chunk(x_row, residual_ptr, offs_k0, k_mask, HAS_RESIDUAL)
+        if NORM:
+            if GATHER or HAS_RESIDUAL:
+                tl.store(residual_out_ptr + offs_k0, x.to(residual_out_ptr.dtype.element_ty), mask=k_mask & (pid == 0))
+            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+            x = _normed_chunk(x, norm_w_ptr, offs_k0, k_mask, rstd)
+        acc_a = w_tile_a.to(tl.float32) * x[None, :]
+        if PAIRED:
+            acc_b = w_tile_b.to(tl.float32) * x[None, :]
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_k0
+            k_mask = offs_k < K
+            x = _input_chunk(x_row, residual_ptr, norm_w_ptr, offs_k, k_mask, rstd, NORM, HAS_RESIDUAL)
+            tile_mask = n_mask[:, None] & k_mask[None, :]
+            acc_a += tl.load(w_a + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32) * x[None, :]
+            if PAIRED:
+                acc_b += tl.load(w_b + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32) * x[None, :]
     a = tl.sum(acc_a, axis=1)
     if HAS_BIAS:
         a += tl.load(bias_ptr + rows_a, mask=n_mask, other=0.0).to(tl.float32)
@@ -218,13 +250,13 @@ class GemvTiles:
 
 def gemv_tiles(k: int, epilogue: int) -> GemvTiles:
     """About 4,096 weights per program and K step over 4 warps (32 per thread, 16-byte loads):
-    the K loop is not software-pipelined, so each step costs a memory round trip and short
-    rows (K = 576, 1536, 2048) should take one or two steps of up to 1,024 columns. The paired
-    epilogues read two rows per output. ARGMAX keeps 16 rows over 256 columns: fewer programs,
+    the K loop is not software-pipelined, so each K step costs a memory round trip, and rows up
+    to 2,048 long (every projection input but the 1B shape's down_proj) take one step, reading
+    x once for the norm and the product. The paired epilogues read two rows per output. ARGMAX keeps 16 rows over 256 columns: fewer programs,
     so its last program reduces fewer partials."""
     if epilogue == ARGMAX:
         return GemvTiles(16, 256, 4)
-    block_k = min(triton.next_power_of_2(k), 1024)
+    block_k = min(triton.next_power_of_2(k), 2048)
     rows = 2 if epilogue in (SILU_MUL, ROPE_KV) else 1
     return GemvTiles(max(1, 4096 // block_k // rows), block_k, 4)
 

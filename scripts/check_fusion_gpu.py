@@ -11,7 +11,11 @@ batch1_decode: a 128-token prompt, 256 new tokens, overlapped steps; also one st
 and kernels per decode step counted by torch.profiler over eager steps (a graph replay may hide
 its kernels from the profiler) and over replayed ones (where the profiler sees them, the count
 that matters: the graph's attention plan is for the longest context, so it splits). The greedy
-tokens of each configuration are compared with the unfused ones. Writes
+tokens of each configuration are compared with the unfused ones. Then, time permitting
+(--budget-s), the GEMV tiles: every projection of both shapes as a plain decode_gemv with the
+default tiles (kernels.decode_gemv.gemv_tiles) and a few others, against cuBLAS (F.linear) on
+the same [1, K] x [N, K]^T, L2-cold weights in a CUDA graph (check_quant_gpu.time_graphed), and
+the lm_head's ARGMAX launch against F.linear + argmax. Writes
 docs/benchmarks/fusion-<card>-<date>.md and .json.
 """
 
@@ -27,13 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import REPO, batch1_decode, batch1_engine, copy_gbps, model_folder, profile_steps  # noqa: E402
+from check_quant_gpu import time_graphed  # noqa: E402
 from run_report import card_slug, gpu_run_facts  # noqa: E402
 
 from edgepaged import SamplingParams  # noqa: E402
 from edgepaged.config import DecodeFusions  # noqa: E402
+from edgepaged.kernels import ARGMAX, argmax_scratch_for, decode_gemv  # noqa: E402
+from edgepaged.kernels.decode_gemv import GemvTiles, gemv_tiles  # noqa: E402
+from edgepaged.models.random_init import SHAPES as MODEL_SHAPES  # noqa: E402
 
 SHAPES = ("smollm2-135m", "llama-3.2-1b")
 GOALS = {"smollm2-135m": {"tok_s": 1210, "kernels": 120}, "llama-3.2-1b": {"tok_s": 1040, "kernels": None}}
@@ -102,6 +111,74 @@ def bench_shape(folder: Path, profile: str, gbps: float) -> dict:
     return {"weights_bytes": weights, "configs": rows}
 
 
+TILE_CANDIDATES = [GemvTiles(16, 256, 4), GemvTiles(4, 512, 4), GemvTiles(8, 1024, 8), GemvTiles(2, 2048, 8)]
+
+
+def projections(shape: str) -> list[tuple[str, int, int]]:
+    """(name, N, K) of every weight a decode step of `shape` multiplies by."""
+    c = MODEL_SHAPES[shape]
+    hidden, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim", hidden // heads)
+    return [("qkv", (heads + 2 * kv_heads) * head_dim, hidden), ("o_proj", hidden, heads * head_dim),
+            ("gate_up", 2 * c["intermediate_size"], hidden), ("down", hidden, c["intermediate_size"]),
+            ("lm_head", c["vocab_size"], hidden)]
+
+
+def bench_tiles(shape: str, l2_bytes: int, deadline: float) -> dict:
+    torch.manual_seed(0)
+    rows = {}
+    for name, n, k in projections(shape):
+        if time.perf_counter() > deadline:
+            rows[name] = {"skipped": "time budget"}
+            continue
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k**-0.5
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        mb = n * k * 2 / 1e6
+        row = {"n": n, "k": k, "mb": mb, "cublas_us": time_graphed(lambda wc: F.linear(x, wc[0]), (w,), l2_bytes)}
+        default = gemv_tiles(k, 0)
+        row["triton_us"] = {}
+        for tiles in [default, *[t for t in TILE_CANDIDATES if t != default]]:
+            label = f"{tiles.block_n}x{tiles.block_k}/w{tiles.num_warps}" + (" (default)" if tiles == default else "")
+            row["triton_us"][label] = time_graphed(lambda wc, t=tiles: decode_gemv(x, wc[0], tiles=t), (w,), l2_bytes)
+        if name == "lm_head":
+            scratch = argmax_scratch_for(n, k, "cuda")
+            row["argmax_us"] = time_graphed(
+                lambda wc: decode_gemv(x, wc[0], epilogue=ARGMAX, argmax_scratch=scratch), (w,), l2_bytes)
+            row["cublas_argmax_us"] = time_graphed(lambda wc: F.linear(x, wc[0]).float().argmax(-1), (w,), l2_bytes)
+        rows[name] = row
+        print(f"  {name:8s} {n}x{k}: cuBLAS {row['cublas_us']:.1f} us, triton "
+              + ", ".join(f"{lbl} {us:.1f}" for lbl, us in row["triton_us"].items()), flush=True)
+        del w
+        torch.cuda.empty_cache()
+    return rows
+
+
+def tiles_markdown(shape: str, rows: dict) -> list[str]:
+    lines = ["", f"### GEMV tiles, {shape} (bf16, one token, L2-cold; us per call, GB/s in brackets)", "",
+             "| weight | N x K | MB | cuBLAS | Triton tiles (rows x columns / warps) |", "|---|---|---:|---:|---|"]
+    for name, r in rows.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | |")
+            continue
+        triton = ", ".join(f"{lbl}: {us:.1f} ({r['mb'] * 1e3 / us:.0f})" for lbl, us in r["triton_us"].items())
+        lines.append(f"| {name} | {r['n']} x {r['k']} | {r['mb']:.1f} | {r['cublas_us']:.1f} "
+                     f"({r['mb'] * 1e3 / r['cublas_us']:.0f}) | {triton} |")
+        if "argmax_us" in r:
+            lines.append(f"| lm_head + argmax | | | {r['cublas_argmax_us']:.1f} (F.linear, float, argmax) | "
+                         f"ARGMAX epilogue: {r['argmax_us']:.1f} |")
+    return lines
+
+
+def recommended(results: dict) -> str:
+    """The fusions whose alone-row is over 1% faster than the no-fusion row on every shape."""
+    keep = []
+    for f in dataclasses.fields(DecodeFusions):
+        runs = [r["configs"] for r in results["models"].values() if "configs" in r]
+        if runs and all(c[f"{f.name} only"]["graphs_tok_s"] > 1.01 * c["none"]["graphs_tok_s"] for c in runs):
+            keep.append(f.name)
+    return ",".join(keep)
+
+
 def markdown(results: dict) -> str:
     lines = [
         f"# Batch-1 decode fusions: {results['device']}, {results['date']}",
@@ -130,6 +207,10 @@ def markdown(results: dict) -> str:
         lines += ["", f"Goal: >= {goal['tok_s']} tok/s (llama.cpp {LLAMA_CPP[shape]}): all fusions "
                   f"{best['graphs_tok_s']:.0f}" + (f"; <= {goal['kernels']} kernels/step: {best['kernels_per_step']:.1f}"
                                                    if goal["kernels"] else "") + "."]
+    lines += ["", f"Fusions that beat no fusion alone by more than 1% on every shape run: "
+              f"`EDGEPAGED_FUSIONS={recommended(results) or 'none'}`."]
+    for shape, rows in results.get("tiles", {}).items():
+        lines += tiles_markdown(shape, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +219,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=SHAPES, default=list(SHAPES))
     parser.add_argument("--models-dir", type=Path, help="where the random checkpoints live (written if missing)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
+    parser.add_argument("--budget-s", type=float, default=210, help="the tile comparison stops at this point")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -159,6 +241,13 @@ def main() -> None:
             results["models"][shape] = {"error": traceback.format_exc()}
             print(results["models"][shape]["error"], flush=True)
         torch.cuda.empty_cache()
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(results))
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20) or (64 << 20)
+    results["tiles"] = {}
+    for shape in args.models:
+        print(f"[tiles {shape}] ({time.perf_counter() - start:.0f} s)", flush=True)
+        results["tiles"][shape] = bench_tiles(shape, l2_bytes, start + args.budget_s)
         stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))

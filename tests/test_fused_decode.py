@@ -24,10 +24,12 @@ from edgepaged.config import DecodeFusions
 from edgepaged.models.random_init import write_random_model
 from edgepaged.sampling import SamplingParams
 
-# (dtype, K, N) of the plain and prologue cases: ragged K and N (masking), several K chunks.
+# The plain and prologue cases: ragged K and N (masking); block_k forces a K loop of several
+# steps (the default tiles take K <= 2,048 in one, as these small K are).
 GEMV_CASES = [
-    {"dtype": "float32", "k": 200, "n": 37, "bias": True},
-    {"dtype": "float16", "k": 96, "n": 64, "bias": False},
+    {"dtype": "float32", "k": 200, "n": 37, "bias": True, "block_k": None},
+    {"dtype": "float16", "k": 96, "n": 64, "bias": False, "block_k": None},
+    {"dtype": "float32", "k": 200, "n": 37, "bias": True, "block_k": 64},
 ]
 CPU_SHAPE = {"hidden": 96, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate": 72, "vocab": 300}
 SMOLLM2_135M = {"hidden": 576, "num_q_heads": 9, "num_kv_heads": 3, "head_dim": 64, "intermediate": 1536,
@@ -137,8 +139,8 @@ FULL_SHAPES = {"135m": SMOLLM2_135M, "1b": LLAMA_1B}
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_gpu_fused_kernels_at_full_shapes(shape, dtype):
     s = FULL_SHAPES[shape]
-    r = _check_gemv(dtype, s["hidden"], s["intermediate"], True, device="cuda")
-    _assert_gemv(r)
+    for k, block_k in ((s["hidden"], None), (s["intermediate"], None), (s["intermediate"], 256)):
+        _assert_gemv(_check_gemv(dtype, k, s["hidden"], True, block_k, device="cuda"))
     _assert_close(_check_silu(dtype, s["hidden"], s["intermediate"], device="cuda"))
     _assert_rope_kv(_check_rope_kv(dtype, **{k: s[k] for k in ("hidden", "num_q_heads", "num_kv_heads", "head_dim")},
                                    device="cuda"))
@@ -162,35 +164,55 @@ def random_135m_shape(tmp_path_factory, tokenizer_dir):
     )
 
 
+def _greedy_run(folder, dtype, fusions: str, monkeypatch) -> dict:
+    """40 greedy tokens of a text prompt (the real tokenizer), one request (batch-1 decode, CUDA
+    graphs) under EDGEPAGED_FUSIONS=fusions; with the fold off, each step's top-2 logit margin
+    in units of the top logit's ulp (the room a rounding difference has before it flips)."""
+    monkeypatch.setenv("EDGEPAGED_FUSIONS", fusions)
+    engine = make_engine(folder, device=torch.device("cuda"), dtype=dtype, backend="triton", max_num_seqs=4,
+                         max_model_len=1024)
+    assert engine.runner.graphs is not None
+    model, folded, margins = engine.model, 0, []
+    greedy_tokens, compute_logits = model.greedy_tokens, model.compute_logits
+
+    def counting(hidden):
+        nonlocal folded
+        folded += 1
+        return greedy_tokens(hidden)
+
+    def recording(hidden):
+        logits = compute_logits(hidden)
+        top = logits.float().topk(2, dim=-1).values[0]
+        ulp = torch.finfo(logits.dtype).eps * float(top[0].abs().clamp_min(1e-3))
+        margins.append(float(top[0] - top[1]) / ulp)
+        return logits
+
+    model.greedy_tokens, model.compute_logits = counting, recording
+    engine.add_request("r", "The capital of France is", SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    tokens = engine.run_to_completion(["r"])["r"].outputs[0].token_ids
+    return {"tokens": tokens, "folded": folded, "margins": margins, "replays": engine.runner.graphs.replays}
+
+
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_engine_greedy_tokens_equal_with_and_without_fusions(random_135m_shape, monkeypatch, dtype):
-    """40 greedy tokens of a text prompt (the real tokenizer), one request at a time (batch-1 decode, CUDA graphs):
-    every fusion on must pick exactly the tokens of every fusion off; the fused engine must
-    actually have replayed graphs and folded greedy sampling."""
-    tokens = {}
-    for fusions in ("none", "all"):
-        monkeypatch.setenv("EDGEPAGED_FUSIONS", fusions)
-        engine = make_engine(random_135m_shape, device=torch.device("cuda"), dtype=dtype, backend="triton",
-                             max_num_seqs=4, max_model_len=1024)
-        assert engine.runner.graphs is not None
-        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-        folded = 0
-        greedy_tokens = engine.model.greedy_tokens
-
-        def counting(hidden):
-            nonlocal folded
-            folded += 1
-            return greedy_tokens(hidden)
-
-        engine.model.greedy_tokens = counting
-        engine.add_request("r", "The capital of France is", params)
-        tokens[fusions] = engine.run_to_completion(["r"])["r"].outputs[0].token_ids
-        assert engine.runner.graphs.replays > 30
-        assert (folded > 30) == (fusions == "all")
-    assert tokens["all"] == tokens["none"]
-    assert len(tokens["all"]) == 40
+    """Every fusion on picks exactly the tokens of every fusion off, with graphs replayed and
+    greedy sampling folded into the lm_head. In float32 all 40 tokens must agree. In bf16 a
+    different (but equally valid) fp32 accumulation order moves a logit by an ulp or two, which
+    flips a near tie, so there the tokens must agree up to the first step whose unfused top-2
+    margin is under 4 ulps, and most steps must be clear of that."""
+    off = _greedy_run(random_135m_shape, dtype, "none", monkeypatch)
+    on = _greedy_run(random_135m_shape, dtype, "all", monkeypatch)
+    assert on["replays"] > 30 and off["replays"] > 30
+    assert on["folded"] > 30 and off["folded"] == 0
+    assert len(off["tokens"]) == len(on["tokens"]) == 40
+    if dtype == torch.float32:
+        assert on["tokens"] == off["tokens"]
+        return
+    clear = next((i for i, m in enumerate(off["margins"]) if m < 4), len(off["margins"]))
+    assert sum(m >= 4 for m in off["margins"]) >= 20, off["margins"]
+    assert on["tokens"][:clear] == off["tokens"][:clear], (clear, off["margins"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +229,9 @@ def _norm_ref(x, residual, weight, eps=1e-5):
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
-def _check_gemv(dtype, k, n, bias, device="cpu"):
+def _check_gemv(dtype, k, n, bias, block_k=None, device="cpu"):
     from edgepaged.kernels import GemvPrologue, decode_gemv
+    from edgepaged.kernels.decode_gemv import GemvTiles
     from edgepaged.kernels.reference import TOLERANCE, relative_error
 
     g = torch.Generator().manual_seed(21)
@@ -219,10 +242,11 @@ def _check_gemv(dtype, k, n, bias, device="cpu"):
     norm_w = (torch.rand(k, generator=g) + 0.5).to(dt).to(device)
     table = _rand(g, 11, k, dtype=dt, device=device)
     ids = torch.tensor([7], device=device)
+    tiles = GemvTiles(4, block_k, 4) if block_k else None
     with _nan_allocations():
-        plain, _ = decode_gemv(x, w, b)
-        normed, new_res = decode_gemv(x, w, b, prologue=GemvPrologue(norm_w, res, None, 1e-5))
-        gathered, row = decode_gemv(table, w, b, prologue=GemvPrologue(norm_w, None, ids, 1e-5))
+        plain, _ = decode_gemv(x, w, b, tiles=tiles)
+        normed, new_res = decode_gemv(x, w, b, prologue=GemvPrologue(norm_w, res, None, 1e-5), tiles=tiles)
+        gathered, row = decode_gemv(table, w, b, prologue=GemvPrologue(norm_w, None, ids, 1e-5), tiles=tiles)
     ref_h, ref_res = _norm_ref(x, res, norm_w)
     ref_g, _ = _norm_ref(table[7:8], None, norm_w)
     return {

@@ -415,8 +415,9 @@ def _check_compile(arch, head_dim=128, dtypes=("float16", "float32"), kv_dtype=N
                 plan = plan_decode(4, num_kv_heads * group, num_kv_heads, head_dim, 128, "cpu", num_splits=splits,
                                    merge_in_kernel=merge)
                 paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1, plan=plan, **scales)
-            if kv_dtype is None and dt != torch.float32:
-                record_decode_gemv_launches(dt)
+            if kv_dtype is None and dt == torch.float16:  # the model dtypes a CUDA profile runs
+                record_decode_gemv_launches(torch.float16)
+                record_decode_gemv_launches(torch.bfloat16)
             starts = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
             paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, 0.1, **scales)
     finally:
