@@ -373,10 +373,13 @@ class ModelRunner:
         return host_step(input_ids, computed, query_lens, tables, sampled, self.block_size)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager, fed: FedRows | None = None) -> StepResult:
+    def execute(
+        self, out: SchedulerOutput, kv: KVCacheManager, fed: FedRows | None = None, *, tokens_ok: bool = False
+    ) -> StepResult:
         """Launch the step; nothing here waits for the device. `fed` names the rows whose
-        tokens are still on the device (steps overlapping, see overlap.py). A step sampling one
-        plainly greedy row (SamplingParams.plain_greedy) may return its token, not logits."""
+        tokens are still on the device (steps overlapping, see overlap.py). `tokens_ok`: the
+        caller samples, so a step of one plainly greedy row (SamplingParams.plain_greedy) may
+        return its token instead of logits (LlamaForCausalLM.greedy_tokens)."""
         self.copy_blocks(out.block_copies)
         chunks = out.chunks
         step = self.build_step(chunks, kv, tables_changed=bool(out.block_copies))
@@ -390,7 +393,7 @@ class ModelRunner:
         if not step.sample_rows.shape[0]:
             return StepResult(None, [])
         sampled = [c for c in chunks if c.completes_prompt]
-        if self.model.folds_greedy(step.sample_rows.shape[0]) and sampled[0].seq.request.params.plain_greedy:
+        if tokens_ok and self.model.folds_greedy(step.sample_rows.shape[0]) and sampled[0].seq.request.params.plain_greedy:
             row = int(step.sample_rows[0])
             return StepResult(None, sampled, self.model.greedy_tokens(hidden[row : row + 1]))
         return StepResult(self._sample(step, hidden), sampled)

@@ -110,7 +110,7 @@ class StepPipeline:
     def _launch(self, sched: SchedulerOutput, kv: KVCacheManager, forks: dict[int, list[Sequence]]) -> StepInFlight | None:
         flight = self.in_flight
         fed = flight.feed.for_step([c.seq for c in sched.chunks]) if flight is not None else None
-        result = self.runner.execute(sched, kv, fed)
+        result = self.runner.execute(sched, kv, fed, tokens_ok=True)
         if result.logits is None and result.tokens is None:
             return None
         seqs, rows = [], []

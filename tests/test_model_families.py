@@ -11,6 +11,7 @@ tests/test_fused_kernels.py, and on a GPU by the gpu-marked tests at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -71,6 +72,8 @@ def _greedy(engine, prompts: list[list[int]], max_tokens: int = NEW_TOKENS) -> l
 def _greedy_with_logits(engine, prompt: list[int], max_tokens: int = NEW_TOKENS) -> tuple[list[int], torch.Tensor]:
     """One request's greedy tokens and the logits row of each of its steps."""
     rows, compute = [], engine.model.compute_logits
+    # Every step's logits must pass through compute_logits: no greedy token from the lm_head.
+    engine.model.decode_fusions = dataclasses.replace(engine.model.decode_fusions, greedy=False)
 
     def recording(hidden):
         logits = compute(hidden)

@@ -11,6 +11,7 @@ dequantized (the fused packed projections).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -36,6 +37,8 @@ FAMILIES = {
 
 def _greedy_with_logits(engine, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
     rows, compute = [], engine.model.compute_logits
+    # Every step's logits must pass through compute_logits: no greedy token from the lm_head.
+    engine.model.decode_fusions = dataclasses.replace(engine.model.decode_fusions, greedy=False)
 
     def recording(hidden):
         logits = compute(hidden)

@@ -44,10 +44,10 @@ def generate(folder: Path, backend: str, device: str) -> dict:
     mixed_steps, logits = 0, []
     execute = engine.runner.execute
 
-    def recording_execute(out, kv, feed=None):
+    def recording_execute(out, kv, feed=None, **options):
         nonlocal mixed_steps
         mixed_steps += {c.num_tokens == 1 for c in out.chunks} == {True, False}
-        result = execute(out, kv, feed)
+        result = execute(out, kv, feed, **options)
         if result.logits is not None:
             logits.append(result.logits.float().cpu())
         return result
