@@ -114,7 +114,8 @@ def _assert_argmax(r: dict) -> None:
 
 def _assert_merge(r: dict) -> None:
     assert r["splits"] > 1, "the case must split the context"
-    assert r["equal"], "the in-kernel merge must give the merge kernel's result bit for bit"
+    # Up to the fp32 summation order of the reduction: at most an ulp of the output dtype.
+    assert r["rel_err"] <= r["tolerance"], ("the in-kernel merge must give the merge kernel's result", r)
     assert r["empty_rows_zero"], "an empty context must give zeros, as the merge kernel's"
     assert r["counters_reset"]
 
@@ -337,12 +338,15 @@ def _check_argmax(dtype, hidden, vocab, device="cpu"):
             w[vocab - 1] = w[top]
             w[min(top, vocab - 2) // 2] = w[top]
         tokens.append(int(decode_gemv(x, w, epilogue=ARGMAX, argmax_scratch=scratch)[0]))
-        expected.append(int(F.linear(x, w).argmax()))
+        # The logits as the kernel rounds them (an fp32 sum, then the model dtype), not cuBLAS's
+        # 16-bit GEMV: its own summation order may round a near tie the other way.
+        expected.append(int(F.linear(x.float(), w.float()).to(dt).argmax()))
     return {"tokens": tokens, "expected": expected, "counter_reset": int(scratch[2]) == 0}
 
 
 def _check_merge(dtype, num_q_heads, num_kv_heads, head_dim, context, device="cpu"):
     from edgepaged.kernels import paged_decode_attention, plan_decode
+    from edgepaged.kernels.reference import relative_error
 
     g = torch.Generator().manual_seed(25)
     dt = getattr(torch, dtype)
@@ -365,7 +369,8 @@ def _check_merge(dtype, num_q_heads, num_kv_heads, head_dim, context, device="cp
         outs.append(paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125, plan=one, out=out))
     return {
         "splits": one.num_splits,
-        "equal": all(torch.equal(o, ref) for o in outs),
+        "rel_err": max(relative_error(o, ref) for o in outs),
+        "tolerance": 2 * torch.finfo(dt).eps,
         "empty_rows_zero": bool((outs[-1][2] == 0).all()),
         "counters_reset": bool((one.counters == 0).all()),
     }
