@@ -169,7 +169,9 @@ class LLMEngine:
             if seq.request.params.beam_width > 1:  # its group chooses its tokens, below
                 self.beams.land(seq, item.logprobs)
                 continue
-            self.scheduler.append_token(seq, item.token)
+            if seq.status is SequenceStatus.FINISHED:  # stopped at an earlier token of its verify step
+                continue
+            self.scheduler.append_token(seq, item.token, item.verdict)
             try:
                 reason = self.outputs.process_token(seq, item.token, item.logprobs, now)
             except Exception:  # one request's text or stop check failed: it alone ends
@@ -212,6 +214,8 @@ class LLMEngine:
             generation_tokens_total=self.outputs.generation_tokens_total,
             peak_blocks_used=self.peak_blocks_used,
             peak_running=self.peak_running,
+            draft_tokens=self.scheduler.num_draft_tokens,
+            accepted_draft_tokens=self.scheduler.num_accepted_tokens,
         )
 
     def pin_prefix(self, token_ids: Seq[int], owner: str = "") -> int:

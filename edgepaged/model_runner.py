@@ -34,8 +34,9 @@ GRAPH_MAX_CHUNK = 16
 
 @dataclass(slots=True)
 class StepResult:
-    """Logits for the chunks that reached their sequence's end, in `sampled` order, or (a
-    one-row greedy step, see LlamaForCausalLM.greedy_tokens) their tokens instead."""
+    """Logits for the chunks that reached their sequence's end, in `sampled` order: one row
+    each, 1 + its drafts for a chunk with drafts; or (a one-row greedy step, see
+    LlamaForCausalLM.greedy_tokens) its token instead."""
 
     logits: torch.Tensor | None
     sampled: list[ScheduledChunk]
@@ -52,7 +53,7 @@ class HostStep:
     context_lens: np.ndarray  # int32 [S]: keys each sequence sees after this step
     query_lens: np.ndarray  # int32 [S]
     block_tables: np.ndarray  # int32 [S, W]
-    sample_rows: np.ndarray  # int64 [R]: token rows whose logits are sampled
+    sample_rows: np.ndarray  # int64 [R]: token rows whose logits are sampled (a sequence's in order)
     num_decode: int  # leading sequences with a one-token chunk
 
     @property
@@ -84,8 +85,9 @@ def host_step(
     block_size: int,
 ) -> HostStep:
     """Positions, slots and context lengths for chunks of `query_lens` tokens after `computed`
-    cached ones; one-token chunks must come first. Vectorised: a handful of numpy calls per step
-    whatever the batch."""
+    cached ones; one-token chunks must come first. `sampled[s]` is how many of sequence s's last
+    rows are sampled: 0, 1, or 1 + its drafts for a speculative verify. Vectorised: a handful
+    of numpy calls per step whatever the batch."""
     num_seqs = query_lens.shape[0]
     ends = np.cumsum(query_lens)
     longer = np.flatnonzero(query_lens != 1)
@@ -104,9 +106,18 @@ def host_step(
         context_lens=(computed + query_lens).astype(np.int32),
         query_lens=query_lens.astype(np.int32),
         block_tables=block_tables,
-        sample_rows=(ends - 1)[sampled].astype(np.int64),
+        sample_rows=_sample_rows(ends, sampled),
         num_decode=num_decode,
     )
+
+
+def _sample_rows(ends: np.ndarray, sampled: np.ndarray) -> np.ndarray:
+    """The token rows of each sequence's last `sampled[s]` tokens, sequence by sequence."""
+    if sampled.max(initial=0) <= 1:
+        return (ends - 1)[sampled.astype(bool)].astype(np.int64)
+    starts = np.repeat(ends - sampled, sampled)
+    offsets = np.arange(starts.shape[0]) - np.repeat(np.cumsum(sampled) - sampled, sampled)
+    return (starts + offsets).astype(np.int64)
 
 
 @dataclass(slots=True)
@@ -122,7 +133,7 @@ class _TableMirror:
     Converting every table from its Python list each step costs about a millisecond at 256
     sequences of 100 blocks; tables only grow by appending (see cache/kv_manager.py), so a step
     copies just the new block ids. A row is rebuilt when the manager hands a different list (the
-    sequence was preempted and readmitted) or when the step carries block copies (copy-on-write
+    sequence was preempted and readmitted, or trimmed after rejected drafts) or when the step carries block copies (copy-on-write
     rewrites an entry in place). Rows of sequences absent from a step are reclaimed only when
     the array is full.
     """
@@ -327,7 +338,7 @@ class ModelRunner:
         writes collide harmlessly); with write=False every slot is -1 and the pool is only read."""
         tables = np.tile(np.arange(width, dtype=np.int32), (len(query_lens), 1))
         ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
-        step = host_step(ids, computed, query_lens, tables, np.ones(len(query_lens), dtype=bool), self.block_size)
+        step = host_step(ids, computed, query_lens, tables, np.ones(len(query_lens), dtype=np.int64), self.block_size)
         if not write:
             step.slot_mapping[:] = -1
         self._sample(step, self._forward_eager(step))
@@ -354,7 +365,8 @@ class ModelRunner:
         """The step's host inputs; `chunks` must list the one-token chunks first.
 
         A token still on the device (see overlap.py) is a placeholder 0 here; it only ever
-        sits in a one-token chunk, so its row is its chunk's index.
+        sits in a one-token chunk, so its row is its chunk's index. A chunk's drafts follow its
+        sequence's last token, and every row from that token on is sampled.
         """
         n = len(chunks)
         seqs = [c.seq for c in chunks]
@@ -365,11 +377,11 @@ class ModelRunner:
             tokens = (0 if s.num_pending else s.token_ids[c.start] for s, c in zip(seqs, chunks))
         else:
             tokens = itertools.chain.from_iterable(
-                c.seq.token_ids[c.start : c.start + c.num_tokens] or [0] for c in chunks
+                (c.seq.token_ids[c.start : c.start + c.num_tokens - len(c.draft)] or [0]) + list(c.draft) for c in chunks
             )
         input_ids = np.fromiter(tokens, dtype=np.int64, count=total)
         tables = self._tables.gather([s.seq_id for s in seqs], kv, tables_changed)
-        sampled = np.fromiter((c.completes_prompt for c in chunks), dtype=bool, count=n)
+        sampled = np.fromiter(((1 + len(c.draft)) * c.completes_prompt for c in chunks), dtype=np.int64, count=n)
         return host_step(input_ids, computed, query_lens, tables, sampled, self.block_size)
 
     @torch.inference_mode()

@@ -140,6 +140,10 @@ def request_metrics(request: Request) -> dict[str, float]:
     metrics = {"arrival_time": request.arrival_time}
     if request.first_token_time is not None:
         metrics["first_token_time"] = request.first_token_time
+    if request.params.speculative:
+        metrics["draft_tokens"] = request.num_draft_tokens
+        metrics["accepted_draft_tokens"] = request.num_accepted_tokens
+        metrics["verify_steps"] = request.num_verify_steps
     return metrics
 
 

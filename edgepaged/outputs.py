@@ -78,3 +78,5 @@ class EngineStats:
     generation_tokens_total: int
     peak_blocks_used: int
     peak_running: int
+    draft_tokens: int = 0  # speculative drafts verified, and how many of them were kept
+    accepted_draft_tokens: int = 0

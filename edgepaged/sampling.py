@@ -29,6 +29,9 @@ MAX_REPETITION_PENALTY = 10.0
 MAX_TOP_K = 2**31 - 1
 # What torch.Generator.manual_seed accepts: int64 and uint64 alike.
 SEED_RANGE = (-(2**63), 2**64 - 1)
+# Draft tokens a speculative step may verify: its 1 + k tokens stay within the decode graphs'
+# chunk of 16 rows (model_runner.GRAPH_MAX_CHUNK), so a verify step replays a graph on CUDA.
+MAX_SPECULATIVE = 15
 
 
 class OutputKind(enum.Enum):
@@ -67,6 +70,9 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # False, True or "never", as in transformers
+    # Speculative decoding by prompt lookup (speculative.py): up to this many draft tokens,
+    # copied from where the text's last few tokens occurred before, verified in one step; 0 is off.
+    speculative: int = 0
     # Derived once: the engine asks per sequence per step.
     has_penalties: bool = field(init=False, default=False)
 
@@ -115,6 +121,7 @@ class SamplingParams:
         _check(isinstance(self.output_kind, OutputKind), f"output_kind must be an OutputKind, got {self.output_kind!r}")
         self.has_penalties = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
         self._check_beam_search()
+        self._check_speculative()
 
     def _check_beam_search(self) -> None:
         """Beams are ranked by the model's own log-probabilities (the raw logits' log_softmax, as
@@ -148,6 +155,18 @@ class SamplingParams:
             _check(not used, f"{name} is not supported with beam search (beam_width > 1)")
         self.temperature = 0.0  # a beam's row in the sampler is greedy: its sampled token goes unused
 
+    def _check_speculative(self) -> None:
+        """A verify step lands up to k + 1 tokens at once; what needs one token's own step is
+        refused rather than silently turning speculation off: beam search (its group chooses
+        every step) and log-probabilities (reported per sampled row, not per verified draft)."""
+        _check(
+            _is_int(self.speculative) and 0 <= self.speculative <= MAX_SPECULATIVE,
+            f"speculative must be an integer from 0 (off) to {MAX_SPECULATIVE} draft tokens, got {self.speculative!r}",
+        )
+        if self.speculative:
+            _check(self.beam_width == 1, "speculative decoding is not supported with beam search (beam_width > 1)")
+            _check(self.logprobs is None, "logprobs are not supported with speculative decoding")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -159,7 +178,6 @@ class SamplingParams:
         return (
             self.greedy and self.n == 1 and self.logprobs is None and not self.has_penalties and self.beam_width == 1
         )
-
 
 
 def _check(ok: bool, message: str) -> None:
@@ -200,29 +218,14 @@ class Sampler:
         return logits[_to_device(logit_rows, torch.int64, logits.device)]
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        logits = logits.float()
-        if any(r.params.has_penalties for r in rows):
-            logits = _apply_penalties(logits, rows)
+        logits = adjusted_logits(logits, rows)
         greedy_tokens = logits.argmax(dim=-1)
         if all(r.params.greedy for r in rows):
             return greedy_tokens
-        device = logits.device
-        temps = _to_device([r.params.temperature or 1.0 for r in rows], torch.float32, device)
-        logits = logits / temps.unsqueeze(1)
-        top_k = [r.params.top_k for r in rows]
-        top_p = [r.params.top_p for r in rows]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            logits = _mask_top_k_top_p(logits, top_k, top_p)
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for i, r in enumerate(rows):
-            if r.generator is not None:
-                noise[i].exponential_(generator=r.generator)
+        probs = probabilities(logits, rows)
         # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = _to_device([r.params.greedy for r in rows], torch.bool, device)
-        return torch.where(is_greedy, greedy_tokens, sampled)
-
+        sampled = (probs / exponential_noise(probs, rows)).argmax(dim=-1)
+        return torch.where(greedy_mask(rows, logits.device), greedy_tokens, sampled)
 
     @staticmethod
     def logprobs(
@@ -235,6 +238,39 @@ class Sampler:
         chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
         return chosen, top_ids, top_logprobs
+
+
+def adjusted_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The rows' logits in float32 with their penalties applied: what greedy takes the argmax of."""
+    logits = logits.float()
+    if any(r.params.has_penalties for r in rows):
+        logits = _apply_penalties(logits, rows)
+    return logits
+
+
+def probabilities(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The distribution each sampled row draws from: `adjusted_logits` after temperature, top-k
+    and top-p (greedy rows at temperature 1; their probabilities go unused)."""
+    temps = _to_device([r.params.temperature or 1.0 for r in rows], torch.float32, logits.device)
+    logits = logits / temps.unsqueeze(1)
+    top_k = [r.params.top_k for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        logits = _mask_top_k_top_p(logits, top_k, top_p)
+    return logits.softmax(dim=-1)
+
+
+def exponential_noise(like: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Exp(1) noise shaped like `like` [R, ...]; a seeded row draws its own from its generator."""
+    noise = torch.empty_like(like).exponential_()
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            noise[i].exponential_(generator=r.generator)
+    return noise
+
+
+def greedy_mask(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    return _to_device([r.params.greedy for r in rows], torch.bool, device)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

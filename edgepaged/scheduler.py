@@ -21,6 +21,12 @@ With overlapped steps (see overlap.py) a sequence may have its newest token stil
 device: `Sequence.num_tokens` counts it, so its next one-token chunk is planned as usual, and a
 sequence whose token in flight is its last gets nothing more.
 
+A request with `SamplingParams.speculative` k gets drafts (speculative.py): a decode chunk of
+1 + d tokens, the pending token and d <= k draft tokens copied from earlier in its text, when the
+budget, the request's remaining length and the pool allow them (drafts never preempt anyone). A
+verify step counts all 1 + d as computed; when its tokens land, `append_token` rolls
+`num_computed_tokens` back to the accepted position and the KV manager trims the blocks past it.
+
 Beam search (beam_search.py) forks beams from running ones mid-decode (`fork`), extends them
 (`append_token`) and drops them (`finish`); a beam whose candidates landed before its siblings'
 has nothing to compute until its group has chosen, and is passed over.
@@ -33,18 +39,21 @@ from dataclasses import dataclass, field
 
 from .cache import BlockHash, KVCacheManager
 from .sequence import Sequence, SequenceStatus
+from .speculative import DraftVerdict, PromptLookup
 
 
 @dataclass(slots=True)
 class ScheduledChunk:
     seq: Sequence
     start: int  # tokens of the sequence computed before this chunk
-    num_tokens: int
+    num_tokens: int  # drafts included
+    draft: tuple[int, ...] = ()  # speculative tokens after the sequence's last
 
     @property
     def completes_prompt(self) -> bool:
-        """True when this chunk reaches the sequence's last token, so its logits are sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        """True when this chunk reaches the sequence's last token, so its logits are sampled
+        (every row from that token on, for a chunk with drafts)."""
+        return self.start + self.num_tokens - len(self.draft) == self.seq.num_tokens
 
 
 @dataclass(slots=True)
@@ -66,6 +75,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.drafters: dict[int, PromptLookup] = {}  # seq id -> its drafter (speculative requests)
+        self.num_draft_tokens = self.num_accepted_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -98,6 +109,10 @@ class Scheduler:
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            draft = self._draft(seq, budget - n) if n == 1 and seq.request.params.speculative else ()
+            if draft and not self.kv.can_allocate(seq, n + len(draft)):
+                draft = ()
+            n += len(draft)
             while not self.kv.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -107,7 +122,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break
             self.kv.allocate(seq, n)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, draft))
             budget -= n
             i += 1
         # After a preemption the pool is tight: admitting now would only preempt again.
@@ -138,11 +153,41 @@ class Scheduler:
         out.block_copies = self.kv.take_copies()
         return out
 
-    def append_token(self, seq: Sequence, token: int) -> None:
-        """A sampled token reached the host; a block it completes can now be indexed."""
+    def _draft(self, seq: Sequence, room: int) -> tuple[int, ...]:
+        """Draft tokens for a decoding sequence of a speculative request: at most `room` (the
+        budget left), and one fewer than the tokens it may still produce, since a verify step
+        lands one token more than it keeps drafts. Drafts need the last token on the host."""
+        request = seq.request
+        k = min(request.params.speculative, room, request.max_total_tokens - len(seq.token_ids) - 1)
+        if k <= 0 or seq.num_pending or not seq.num_output_tokens:
+            return ()
+        drafter = self.drafters.get(seq.seq_id)
+        if drafter is None:
+            drafter = self.drafters[seq.seq_id] = PromptLookup()
+        return tuple(drafter.propose(seq.token_ids, k))
+
+    def append_token(self, seq: Sequence, token: int, verdict: DraftVerdict | None = None) -> None:
+        """A sampled token reached the host; a block it completes can now be indexed. The first
+        token of a verify step brings its verdict: the rejected drafts' positions were counted
+        as computed and are rolled back before the token is appended, so no block holding a
+        rejected draft's keys and values is ever indexed."""
+        if verdict is not None:
+            self._settle_drafts(seq, verdict)
         seq.token_ids.append(token)
         if seq.status is SequenceStatus.RUNNING:
             self.kv.commit(seq)
+
+    def _settle_drafts(self, seq: Sequence, verdict: DraftVerdict) -> None:
+        request = seq.request
+        request.num_draft_tokens += verdict.num_drafts
+        request.num_accepted_tokens += verdict.num_accepted
+        request.num_verify_steps += 1
+        self.num_draft_tokens += verdict.num_drafts
+        self.num_accepted_tokens += verdict.num_accepted
+        self.drafters[seq.seq_id].record(verdict.num_accepted)
+        if seq.status is SequenceStatus.RUNNING:
+            seq.num_computed_tokens -= verdict.num_drafts - verdict.num_accepted
+            self.kv.trim(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq.seq_id)
@@ -160,3 +205,4 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.kv.free(seq.seq_id)
+        self.drafters.pop(seq.seq_id, None)

@@ -4,7 +4,7 @@ A request owns one sequence until its prompt is prefilled; with n > 1 it then fo
 sequences that share the prompt's blocks. A beam search request's sequences are its live beams,
 forked and dropped step by step (beam_search.py). The scheduler only ever sees sequences. Each field
 has one writer: the scheduler (`num_computed_tokens`, `token_ids` past the prompt, `status`,
-`finish_reason`), the step pipeline (`num_pending`, overlap.py), the output processor
+`finish_reason`, the request's draft counts), the step pipeline (`num_pending`, overlap.py), the output processor
 (`Request.first_token_time`); the text and log-probabilities live in output_processor.py.
 """
 
@@ -35,6 +35,11 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     sequences: list[Sequence] = field(default_factory=list)
+    # Speculative decoding (speculative.py): draft tokens verified, how many were kept, and the
+    # verify steps they took; accepted / steps is the mean accepted draft length.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_verify_steps: int = 0
 
     @property
     def needs_fork(self) -> bool:

@@ -18,7 +18,7 @@ KERNELS = PACKAGE.parent / "kernels"
 # Lowest first. A top-level module or subpackage of edgepaged, by name.
 LAYERS = [
     {"errors", "profiles", "sampling", "outputs", "detokenizer", "tokenizer", "attention", "config"},
-    {"cache", "sequence", "kernels", "quant", "models", "memory"},
+    {"cache", "sequence", "speculative", "kernels", "quant", "models", "memory"},
     {"scheduler", "backends", "cuda_graph", "input_processor", "output_processor", "beam_search"},
     {"model_runner", "planning"},
     {"overlap"},

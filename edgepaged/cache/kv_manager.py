@@ -1,7 +1,8 @@
 """Per-sequence block tables over the shared `BlockPool`.
 
 A table is append-only: new tokens land in the last block or in fresh blocks, so the blocks of
-a prefix never move and can be shared. The two ways a table gains shared blocks are a prefix
+a prefix never move and can be shared. The one exception is `trim`, which drops the tail blocks
+of a speculative step's rejected drafts. The two ways a table gains shared blocks are a prefix
 cache hit at admission and a `fork` for n>1 sampling; a write into a shared block copies it
 first (copy-on-write) and reports the copy for the model runner to perform.
 
@@ -209,6 +210,20 @@ class KVCacheManager:
         for i in range(table.num_registered, num_full):
             self.pool.register(table.blocks[i], hashes[i])
         table.num_registered = num_full
+
+    def trim(self, seq: SequenceView) -> None:
+        """Free the blocks past the sequence's computed tokens: after a speculative verify step
+        rolled `num_computed_tokens` back, those that held only rejected drafts. They were never
+        indexed (`commit` only indexes blocks of known tokens). The table gets new lists, which
+        is how the runner's mirror of it (model_runner._TableMirror) learns it shrank."""
+        table = self.tables[seq.seq_id]
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        if len(table.blocks) <= keep:
+            return
+        assert table.num_registered <= keep, "an indexed block holds rejected drafts"
+        dropped = table.blocks[keep:]
+        table.blocks, table.block_ids = table.blocks[:keep], table.block_ids[:keep]
+        self.pool.release(reversed(dropped))
 
     def fork(self, parent: SequenceView, child: SequenceView) -> None:
         """Give `child` the parent's blocks by reference: n samples store their prompt once."""

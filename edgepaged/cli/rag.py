@@ -36,6 +36,8 @@ app = typer.Typer(help="Answer questions from a local folder of text, Markdown a
 Order = Literal["canonical", "score"]
 # edgepaged.rag.store.DEFAULT_MAX_FILE_BYTES in MiB, for the same reason.
 MAX_FILE_MB = 5.0
+# edgepaged.rag.pipeline.DEFAULT_SPECULATIVE, for the same reason.
+SPECULATIVE = 6
 # Question tokens `rag chat` sizes its pool for; a longer question is refused with the reason.
 CHAT_QUESTION_TOKENS = 256
 # Tokens a passage adds beyond its chunk: its "[path #index]" header and separator, and the
@@ -54,6 +56,9 @@ _TOP_P = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]")
 _SEED = typer.Option(None, "--seed", help="seed for reproducible sampling")
 _REPETITION_PENALTY = typer.Option(
     1.0, "--repetition-penalty", help="above 1 discourages tokens already in the prompt or answer (1: off)"
+)
+_SPECULATIVE = typer.Option(
+    SPECULATIVE, "--speculative", min=0, max=15, help="draft tokens per step copied from the passages (0: off); same answers"
 )
 _SERVER = typer.Option(None, "--server", help="ask a running `edgepaged serve` at this URL instead of loading models")
 _COLLECTION = typer.Option(None, "--collection", help="with --server: the NAME the server was given with --rag NAME=DB")
@@ -128,13 +133,14 @@ class Sampling:
     top_p: float
     seed: int | None
     repetition_penalty: float
+    speculative: int
 
     def params(self) -> SamplingParams:
         from ..sampling import SamplingParams
 
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.repetition_penalty, speculative=self.speculative,
         )
 
     def request_fields(self) -> dict[str, Any]:
@@ -272,6 +278,7 @@ def ask_command(
     top_p: float = _TOP_P,
     seed: Optional[int] = _SEED,
     repetition_penalty: float = _REPETITION_PENALTY,
+    speculative: int = _SPECULATIVE,
     server: Optional[str] = _SERVER,
     collection: Optional[str] = _COLLECTION,
     api_key: Optional[str] = _API_KEY,
@@ -279,7 +286,7 @@ def ask_command(
     """Retrieve the passages relevant to QUESTION, stream the answer from them, then list the sources."""
     from ..rag import NoRelevantChunks
 
-    sampling = Sampling(max_tokens, temperature, top_p, seed, repetition_penalty)
+    sampling = Sampling(max_tokens, temperature, top_p, seed, repetition_penalty, speculative)
     write = (lambda piece: None) if as_json else _LeadingSpaceTrimmer()
     try:
         if server is not None:
@@ -320,6 +327,7 @@ def chat_command(
     top_p: float = _TOP_P,
     seed: Optional[int] = _SEED,
     repetition_penalty: float = _REPETITION_PENALTY,
+    speculative: int = _SPECULATIVE,
     server: Optional[str] = _SERVER,
     collection: Optional[str] = _COLLECTION,
     api_key: Optional[str] = _API_KEY,
@@ -330,7 +338,7 @@ def chat_command(
     and the session goes on; end it with Ctrl+D.
     """
     started = time.monotonic()
-    sampling = Sampling(max_tokens, temperature, top_p, seed, repetition_penalty)
+    sampling = Sampling(max_tokens, temperature, top_p, seed, repetition_penalty, speculative)
     answerer: LocalAnswerer | None = None
     try:
         if server is not None:

@@ -48,6 +48,9 @@ class RagAnswer:
 
 # Pinned blocks are lent to no request, so together they keep to a quarter of the pool.
 DEFAULT_PIN_BUDGET = 0.25
+# Draft tokens per step for answers (prompt lookup, docs/speculative.md): answers quote their
+# passages; measured in docs/benchmarks/spec-cpu-2026-12-03.md.
+DEFAULT_SPECULATIVE = 6
 
 
 class HotPrefixes:
@@ -155,7 +158,8 @@ class RagPipeline:
         return prompt.messages, _sources(hits)
 
     def ask(self, question: str, top_k: int = 4, params: SamplingParams | None = None) -> RagAnswer:
-        """Answer one question; greedy with up to 256 new tokens unless `params` says otherwise."""
+        """Answer one question; greedy with up to 256 new tokens and prompt-lookup speculation
+        unless `params` says otherwise."""
         _, rendered, hits = self.prompt(question, top_k)
         text = self.generate([rendered.token_ids], params)[0]
         self.apply_pins()
@@ -164,7 +168,8 @@ class RagPipeline:
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[str]:
         """Run token-id prompts to completion on the engine, all in flight together."""
         params = dataclasses.replace(
-            params or SamplingParams(temperature=0.0, max_tokens=256), output_kind=OutputKind.FINAL_ONLY
+            params or SamplingParams(temperature=0.0, max_tokens=256, speculative=DEFAULT_SPECULATIVE),
+            output_kind=OutputKind.FINAL_ONLY,
         )
         ids = [f"rag-{id(self):x}-{next(self._request_ids)}" for _ in prompts]
         for request_id, token_ids in zip(ids, prompts):

@@ -84,6 +84,8 @@ class _EngineCollector(Collector):
                 s.prefix_query_tokens,
             ),
             ("edgepaged_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.", s.prefix_hit_tokens),
+            ("edgepaged_spec_draft_tokens", "Speculative draft tokens verified.", s.draft_tokens),
+            ("edgepaged_spec_accepted_tokens", "Speculative draft tokens the model kept.", s.accepted_draft_tokens),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

@@ -32,6 +32,7 @@ from edgepaged.sampling import (
     MAX_LOGPROBS,
     MAX_PRESENCE_FREQUENCY,
     MAX_REPETITION_PENALTY,
+    MAX_SPECULATIVE,
     MAX_TOP_K,
     SEED_RANGE,
 )
@@ -91,6 +92,9 @@ class SamplingRequest(BaseModel):
     beam_width: int = Field(default=1, ge=1)
     length_penalty: float = Field(default=1.0, allow_inf_nan=False)
     early_stopping: bool | Literal["never"] = False
+    # Speculative decoding by prompt lookup (docs/speculative.md): up to this many draft tokens
+    # per step, copied from earlier in the prompt or answer; same outputs, fewer steps.
+    speculative: int = Field(default=0, ge=0, le=MAX_SPECULATIVE)
 
     @field_validator("stop")
     @classmethod

@@ -178,6 +178,7 @@ def _prepared(engine: AsyncEngine, body: SamplingRequest, ids: list[int], defaul
             beam_width=body.beam_width,
             length_penalty=body.length_penalty,
             early_stopping=body.early_stopping,
+            speculative=body.speculative,
             # Each step hands over only what is new: building 256 cumulative outputs a step was
             # most of the engine thread's update at large batches.
             output_kind=OutputKind.DELTA,
