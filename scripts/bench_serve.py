@@ -8,7 +8,8 @@ process of its own, as the server does, loaded once and idle while the server ru
 this process (which also runs the HTTP client and its asyncio loop) its first levels paid
 first-use costs and its later ones ran 3-7x slower than the server on the same box. The report gives each level's server/engine ratios, per
 round and their median. A running server (--url) is measured alone. The server then takes a
-burst of --burst requests at once to time its 429s. At each level that many requests are kept in
+burst of --burst requests at once to time its 429s. For a server it started, the report adds
+the server's CPU time per streamed token (its event loop apart), read from /proc. At each level that many requests are kept in
 flight until the level's request count or time limit is reached. Every request has a distinct
 prompt (no free prefix hits) and a fixed output length (ignore_eos), so levels and the two sides
 compare like with like.
@@ -78,6 +79,28 @@ class LevelResult:
     e2e_p50_s: float | None
     e2e_p99_s: float | None
     round: int = 0
+    # CPU the server's event loop (its main thread) and the rest of its process (engine,
+    # torch and tokenizer threads) spent per token streamed: the host work a token costs,
+    # which a shared box's load leaves alone, unlike the latencies. A server this script
+    # started only (read from /proc).
+    loop_cpu_us_per_token: float | None = None
+    rest_cpu_us_per_token: float | None = None
+
+
+class ServerCpu:
+    """CPU seconds of a local server process, its main thread apart (Linux /proc)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _seconds(self, stat: str) -> float:
+        fields = Path(stat).read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+
+    def sample(self) -> tuple[float, float]:
+        """(main thread, whole process)."""
+        return self._seconds(f"/proc/{self.pid}/task/{self.pid}/stat"), self._seconds(f"/proc/{self.pid}/stat")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -87,6 +110,10 @@ def percentile(values: list[float], q: float) -> float | None:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _dash(value: float | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -233,8 +260,9 @@ def summarise(side: str, concurrency: int, results: list[RequestResult], wall: f
 
 
 @contextmanager
-def own_server(args: argparse.Namespace) -> Iterator[str]:
-    """Start `edgepaged serve` on a free loopback port; stop it with SIGTERM (its drain path)."""
+def own_server(args: argparse.Namespace) -> Iterator[tuple[str, ServerCpu | None]]:
+    """Start `edgepaged serve` on a free loopback port; stop it with SIGTERM (its drain path).
+    Yields its URL and, where /proc has it, its CPU counters."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -270,7 +298,7 @@ def own_server(args: argparse.Namespace) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the server was not ready after {args.start_timeout} s; see {log.name}")
             time.sleep(0.5)
-        yield url
+        yield url, ServerCpu(proc.pid) if Path(f"/proc/{proc.pid}/task").is_dir() else None
     finally:
         proc.terminate()
         try:
@@ -347,7 +375,8 @@ def markdown(meta: dict, levels: list[LevelResult], compared: list[dict], refusa
             f"Model `{meta['model']}`, profile `{meta['profile']}`, backend `{meta['backend']}`; "
             f"{meta['prompt_words']}-word distinct prompts, {meta['max_tokens']} output tokens each "
             "(ignore_eos, greedy). `engine` drives the engine in a process of its own (no HTTP), `server` streams the same requests "
-            "over loopback HTTP. ITL is the gap between streamed chunks (one token each unless the client lagged)."
+            "over loopback HTTP. ITL is the gap between streamed chunks (one token each unless the client lagged). "
+            "CPU µs/tok: the server process's CPU time per streamed token, its event loop (main thread) and the rest."
         ),
         "",
     ]
@@ -371,22 +400,24 @@ def markdown(meta: dict, levels: list[LevelResult], compared: list[dict], refusa
     lines += [
         (
             "| side | round | clients | ok / sent | 429 | failed | prompt tok | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms "
-            "| ITL p50 ms | ITL p99 ms | e2e p50 s | e2e p99 s |"
+            "| ITL p50 ms | ITL p99 ms | e2e p50 s | e2e p99 s | loop CPU µs/tok | rest CPU µs/tok |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in levels:
         lines.append(
             f"| {r.side} | {r.round} | {r.concurrency} | {r.ok} / {r.requests} | {r.rejected} | {r.failed} | {r.mean_prompt_tokens} | "
             f"{r.output_tokens_per_s} | {r.requests_per_s} | {r.ttft_p50_ms} | {r.ttft_p99_ms} | {r.itl_p50_ms} | "
-            f"{r.itl_p99_ms} | {r.e2e_p50_s} | {r.e2e_p99_s} |"
+            f"{r.itl_p99_ms} | {r.e2e_p50_s} | {r.e2e_p99_s} | {_dash(r.loop_cpu_us_per_token)} | "
+            f"{_dash(r.rest_cpu_us_per_token)} |"
         )
     lines += [
         "",
         (
             f"Burst: {refusals['sent']} requests at once over raw sockets: {refusals['accepted']} accepted, "
             f"{refusals['refused_429']} refused with 429 in {refusals['p50_429_ms']} ms (p50), "
-            f"{refusals['p99_429_ms']} ms (p99), {refusals['max_429_ms']} ms at most."
+            f"{refusals['p99_429_ms']} ms (p99), {refusals['max_429_ms']} ms at most"
+            + (f"; the event loop spent {refusals['loop_cpu_ms']} ms of CPU on the burst." if "loop_cpu_ms" in refusals else ".")
         ),
     ]
     return "\n".join(lines) + "\n"
@@ -409,7 +440,15 @@ _LEVEL = "LEVEL "  # how the engine process marks its answers on stdout
 
 def engine_worker(args: argparse.Namespace) -> None:
     """--engine-worker: load the engine, then run each level asked for on stdin, one JSON line
-    of run_engine_level's arguments each, answering with the level's result."""
+    of run_engine_level's arguments each, answering with the level's result.
+
+    It runs at the nice value of the server's engine thread, so on a box shared with other
+    work both engines get the same share of the CPU, and the two sides differ only by what the
+    server adds: on a shared 2-core box, the server's engine at +5 against this one at 0 gave
+    way to the other processes and made the server look 1.4-2x slower with one client."""
+    from edgepaged.server.async_engine import ENGINE_NICE
+
+    os.nice(ENGINE_NICE)
     engine = local_engine(args)
     print(_LEVEL + "{}", flush=True)
     for line in sys.stdin:
@@ -449,7 +488,9 @@ def engine_process(args: argparse.Namespace) -> Iterator[Callable[..., LevelResu
             proc.kill()
 
 
-def bench(url: str, args: argparse.Namespace, engine: Callable[..., LevelResult] | None = None) -> tuple[str, list[LevelResult], dict]:
+def bench(
+    url: str, args: argparse.Namespace, engine: Callable[..., LevelResult] | None = None, cpu: ServerCpu | None = None
+) -> tuple[str, list[LevelResult], dict]:
     """Every level, `args.rounds` times, on the server at `url` and (when given) the engine."""
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     levels, first_id = [], 0
@@ -464,14 +505,24 @@ def bench(url: str, args: argparse.Namespace, engine: Callable[..., LevelResult]
                         time_limit=args.time_limit, first_id=first_id,
                     )
                 else:
+                    before = cpu.sample() if cpu else None
                     level = asyncio.run(
                         run_level(url, model, c, n, args.prompt_words, args.max_tokens, args.time_limit, first_id)
                     )
+                    tokens = level.output_tokens_per_s * level.wall_s
+                    if cpu and tokens:
+                        (loop0, all0), (loop1, all1) = before, cpu.sample()
+                        level.loop_cpu_us_per_token = round((loop1 - loop0) / tokens * 1e6, 1)
+                        level.rest_cpu_us_per_token = round((all1 - all0 - (loop1 - loop0)) / tokens * 1e6, 1)
                 level.round = r
                 first_id += n
                 levels.append(level)
                 print(json.dumps(asdict(level)), flush=True)
+    before = cpu.sample() if cpu else None
     refusals = burst_summary(url, model, args.burst, args.max_tokens)
+    if cpu:
+        # Over the whole burst, the accepted requests' admission included.
+        refusals["loop_cpu_ms"] = round((cpu.sample()[0] - before[0]) * 1000, 1)
     print(json.dumps(refusals), flush=True)
     return model, levels, refusals
 
@@ -536,8 +587,8 @@ def main() -> None:
         engine_worker(args)
         return
     if args.url is None:
-        with engine_process(args) as engine, own_server(args) as url:
-            model, levels, refusals = bench(url, args, engine)
+        with engine_process(args) as engine, own_server(args) as (url, cpu):
+            model, levels, refusals = bench(url, args, engine, cpu)
     else:
         model, levels, refusals = bench(args.url.rstrip("/"), args)
     compared = comparison(levels)

@@ -505,6 +505,61 @@ def test_overload_gets_429_and_every_accepted_request_completes(tiny_model_dir):
         assert after.status_code == 200, "the queue did not drain back to accepting"
 
 
+def test_a_full_queue_refuses_before_reading_the_body(tiny_model_dir):
+    """The admission gate: while the queue is full, a generation request gets its 429 (with
+    Retry-After) from its headers alone: one whose body never arrives, or is not even JSON, is
+    refused all the same; one without the API key still gets its 401. The request that holds
+    the queue then completes in full."""
+    engine = LLMEngine.from_model(str(tiny_model_dir), "cpu", max_kv_blocks=64)
+    held, step = threading.Event(), engine.step
+
+    def held_step():
+        held.wait()  # the first request is admitted but makes no token: it keeps the queue full
+        return step()
+
+    engine.step = held_step
+    body = {"model": MODEL, "prompt": "hold the queue", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    config = dict(api_key=KEY, body_timeout_s=300.0)
+    with live_server(engine, AdmissionLimits(max_waiting_requests=1, max_waiting_tokens=1 << 20), **config) as server:
+        first: list[httpx.Response] = []
+        holder = threading.Thread(
+            target=lambda: first.append(httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=120))
+        )
+        holder.start()
+        try:
+            assert server.wait_until(lambda m: m["edgepaged_server_queue_requests"] == 1)["edgepaged_server_queue_requests"] == 1
+
+            host, port = server.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=60) as conn:  # headers only, no body ever
+                conn.sendall(
+                    f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 4096\r\n\r\n".encode()
+                )
+                head = conn.recv(65536)  # answered although the body (300 s allowed) never came
+            assert head.startswith(b"HTTP/1.1 429 ") and b"\r\nretry-after: " in head.lower()
+
+            not_json = httpx.post(
+                f"{server.url}/v1/completions", content=b"{not json", timeout=30,
+                headers={**AUTH, "Content-Type": "application/json"},
+            )
+            assert not_json.status_code == 429 and int(not_json.headers["retry-after"]) >= 1
+            error = not_json.json()["error"]
+            assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+            assert "1 requests" in error["message"] and not_json.headers["x-request-id"]
+
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            assert httpx.post(f"{server.url}/v1/chat/completions", json=chat, headers=AUTH, timeout=30).status_code == 429
+            assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code == 401
+            assert httpx.get(f"{server.url}/v1/models", headers=AUTH, timeout=30).status_code == 200
+            assert server.metrics()["requests_rejected"] == 3
+        finally:
+            held.set()
+            holder.join(timeout=120)
+        assert first[0].status_code == 200, first[0].text
+        assert first[0].json()["usage"]["completion_tokens"] == 8
+        assert httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).status_code == 200
+
+
 # ---- failure -------------------------------------------------------------------------------
 
 

@@ -26,8 +26,8 @@ from edgepaged.errors import RequestError
 from edgepaged.server.async_engine import AsyncEngine, EngineUnavailable, QueueFull
 from edgepaged.server.errors import ApiError, error_response
 from edgepaged.server.metrics import ServerMetrics
-from edgepaged.server.middleware import AccessLog, BodyLimit, HostCheck
-from edgepaged.server.routes import Served, operations, v1
+from edgepaged.server.middleware import AccessLog, AdmissionGate, BodyLimit, HostCheck
+from edgepaged.server.routes import Served, has_key, operations, v1
 from edgepaged.server.settings import RagCollections, ServerConfig
 
 __all__ = ["RagCollections", "ServerConfig", "create_app"]
@@ -62,11 +62,22 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return error_response(ApiError(400, str(exc)))
 
-    @app.exception_handler(QueueFull)
-    async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+    def rate_limited(exc: QueueFull) -> ApiError:
         metrics.requests.labels("rejected").inc()
         headers = {"Retry-After": str(exc.retry_after)}
-        return error_response(ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded", headers=headers))
+        return ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded", headers=headers)
+
+    def refusal(headers: dict[bytes, bytes]) -> ApiError | None:
+        """The gate's 429: only while accepting (a draining server answers 503) and only to a
+        client with the key (anyone else gets the route's 401, and learns nothing of the queue)."""
+        if not engine.accepting or not has_key(headers.get(b"authorization", b"").decode("latin-1"), config.api_key):
+            return None
+        refused = engine.refusal()
+        return None if refused is None else rate_limited(refused)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        return error_response(rate_limited(exc))
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
@@ -82,8 +93,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         metrics.requests.labels("error").inc()
         return error_response(ApiError(500, "internal server error", "server_error"))
 
-    # Added innermost first: a request meets the access log, the Host check, CORS, the body limit.
+    # Added innermost first: a request meets the access log, the Host check, CORS, the admission
+    # gate (every POST under /v1 generates), the body limit.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    generation = [route.path for route in v1.routes if "POST" in getattr(route, "methods", ())]
+    app.add_middleware(AdmissionGate, paths=generation, refusal=refusal)
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -2,8 +2,9 @@
 
 The engine is not thread-safe and `step()` blocks for a whole forward pass, so it lives on one
 dedicated thread that owns it completely: HTTP handlers send it commands (add, abort) through
-a queue, and it hands each step's outputs back to the event loop in one callback per step. That
-single owner is what gives continuous batching across HTTP clients.
+a queue, and it hands each step's outputs back to the event loop in one callback per step,
+which wakes only the consumers that wait (`RequestStream`). That single owner is what gives
+continuous batching across HTTP clients.
 
 A request's preparation (tokenizing, rendering the chat template) runs on a third thread, the
 tokenizer thread, so neither the event loop nor the engine loop waits for a multi-megabyte
@@ -13,8 +14,9 @@ once; one tokenizer thread keeps encodes from overlapping one another.
 
 Admission is decided on the event loop, before anything slow: a request counts as waiting from
 its admission until it produces its first token (or ends). Past `max_waiting_requests` it is
-refused with `QueueFull` at once, before its prompt is even tokenized, which the app answers
-with 429; past `max_waiting_tokens` once its prompt length is known. A request alone in the
+refused with `QueueFull` at once, which the app answers with 429 before it even reads the
+request's body (`refusal`, asked by the app's admission gate); past `max_waiting_tokens` once
+its prompt length is known. A request alone in the
 queue is always admitted, so one long prompt cannot be starved by a token bound smaller than
 the context. `Retry-After` is the queue's recent wait, measured on the requests that left it.
 
@@ -36,6 +38,7 @@ unknown, so every request in flight (queued, tokenizing or running) is failed wi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -111,37 +114,61 @@ class _Waiting:
 class RequestStream:
     """The outputs of one request, as an async iterator; `close()` aborts it if unfinished.
 
-    Outputs are deltas (OutputKind.DELTA): when the consumer falls behind, the outputs queued
-    meanwhile are merged into one, so a slow client gets everything in fewer, larger pieces.
+    Outputs are deltas (OutputKind.DELTA). The engine thread's one callback per step appends
+    each request's output here and wakes its consumer only if it is waiting; a consumer that
+    fell behind (a slow client, a busy loop) takes everything queued meanwhile as one merged
+    output, so it sends fewer, larger chunks instead of falling further behind.
     """
 
-    def __init__(self, owner: AsyncEngine, request_id: str, outputs: asyncio.Queue[RequestOutput | BaseException]):
+    __slots__ = ("request_id", "_owner", "_pending", "_error", "_wake", "_done")
+
+    def __init__(self, owner: AsyncEngine, request_id: str):
         self.request_id = request_id
         self._owner = owner
-        self._outputs = outputs
+        self._pending: list[RequestOutput] = []
+        self._error: BaseException | None = None
+        self._wake: asyncio.Future[None] | None = None
         self._done = False
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._outputs.get()
-        while not self._outputs.empty() and not isinstance(item, BaseException):
-            later = self._outputs.get_nowait()
-            item = later if isinstance(later, BaseException) else merge_deltas(item, later)
-        if isinstance(item, BaseException):
+        while not self._pending and self._error is None:
+            if self._done:
+                raise StopAsyncIteration
+            self._wake = asyncio.get_running_loop().create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+        if not self._pending:
             self._done = True
-            raise item
-        self._done = item.finished
-        return item
+            raise self._error
+        pending, self._pending = self._pending, []
+        out = functools.reduce(merge_deltas, pending) if len(pending) > 1 else pending[0]
+        self._done = self._done or out.finished
+        return out
 
     def close(self) -> None:
-        """Abort the request unless it finished; its KV blocks are freed on the next loop turn."""
+        """Abort the request unless it finished; its KV blocks are freed on the next loop turn.
+        A consumer waiting for the next output ends its iteration."""
         if not self._done:
             self._done = True
             self._owner.abort(self.request_id)
+            self._wake_consumer()
+
+    def _push(self, output: RequestOutput) -> None:
+        self._pending.append(output)
+        self._wake_consumer()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
 
 class EngineThread:
@@ -187,7 +214,7 @@ class AsyncEngine:
         self.on_failure: Callable[[BaseException], None] | None = None  # e.g. stop the HTTP server
         self.on_idle: Callable[[], object] | None = None  # engine thread, each time the engine drains
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._admissions: dict[str, asyncio.Future[None]] = {}  # sent to the engine thread, not answered yet
         self._waiting: dict[str, _Waiting] = {}
         self._waiting_tokens = 0
@@ -238,8 +265,9 @@ class AsyncEngine:
         """Admit a request, or raise QueueFull, RequestError or EngineUnavailable."""
         self._check_accepting()
         assert self._loop is not None and request_id not in self._waiting and request_id not in self._streams
-        if self._waiting and len(self._waiting) >= self.limits.max_waiting_requests:
-            raise self._queue_full()
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         waiting = self._waiting[request_id] = _Waiting(time.monotonic())
         try:
             prepared = await self._loop.run_in_executor(self._tokenizer, prepare)
@@ -250,7 +278,7 @@ class AsyncEngine:
             waiting.prompt_tokens = tokens
             self._waiting_tokens += tokens
             admitted = self._loop.create_future()
-            self._streams[request_id] = outputs = asyncio.Queue()
+            self._streams[request_id] = stream = RequestStream(self, request_id)
             self._admissions[request_id] = admitted
             self._commands.put(_Add(request_id, prepared, admitted))
             await admitted
@@ -263,7 +291,7 @@ class AsyncEngine:
             raise
         finally:
             self._admissions.pop(request_id, None)
-        return RequestStream(self, request_id, outputs)
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._leave_queue(request_id)
@@ -279,6 +307,13 @@ class AsyncEngine:
     def healthy(self, max_stall_s: float = 60.0) -> bool:
         """The loop is alive and has turned within `max_stall_s` (safe from any thread)."""
         return self._failure is None and self._running() and time.monotonic() - self._heartbeat < max_stall_s
+
+    def refusal(self) -> QueueFull | None:
+        """The 429 a new request gets now, or None: the request-count bound, which needs nothing
+        of the request, so the app can answer it before reading the body (`AdmissionGate`)."""
+        if self._waiting and len(self._waiting) >= self.limits.max_waiting_requests:
+            return self._queue_full()
+        return None
 
     def _queue_full(self) -> QueueFull:
         return QueueFull(
@@ -303,7 +338,7 @@ class AsyncEngine:
                 self._leave_queue(out.request_id)
                 wait = now - waiting.since
                 self._recent_wait_s += _WAIT_SMOOTHING * (wait - self._recent_wait_s)
-            stream.put_nowait(out)
+            stream._push(out)
             if out.finished:
                 del self._streams[out.request_id]
 
@@ -312,7 +347,7 @@ class AsyncEngine:
         for admitted in self._admissions.values():
             _settle(admitted, error)
         for stream in self._streams.values():
-            stream.put_nowait(error)
+            stream._fail(error)
         self._streams.clear()
 
     def _on_loop_failure(self, error: BaseException) -> None:

@@ -13,14 +13,15 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
+from starlette.types import Message, Receive, Scope, Send
 
 from edgepaged.errors import RequestError
 from edgepaged.outputs import RequestOutput, TokenLogprob
@@ -33,6 +34,7 @@ from edgepaged.server.async_engine import (
     PreparedRequest,
     RequestStream,
 )
+from edgepaged.server.chunks import Delta, TextChunks, chat_choice, completion_choice
 from edgepaged.server.errors import ApiError, error_response
 from edgepaged.server.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
 from edgepaged.server.protocol import (
@@ -93,12 +95,16 @@ async def served(request: Request) -> Served:
 ServedDep = Annotated[Served, Depends(served)]
 
 
-async def authorize(request: Request, app: ServedDep) -> None:
-    key = app.config.api_key
+def has_key(authorization: str, key: str | None) -> bool:
+    """Whether an Authorization header carries the API key (any header does without a key)."""
     if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return True
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+async def authorize(request: Request, app: ServedDep) -> None:
+    if not has_key(request.headers.get("authorization", ""), app.config.api_key):
         raise ApiError(
             401,
             "missing or invalid API key (send 'Authorization: Bearer <key>')",
@@ -225,7 +231,7 @@ class _Choices:
         self.logprobs = [None] * self.n
         self.completion_tokens = [0] * self.n
 
-    def deltas(self, out: RequestOutput) -> list[tuple[int, str, str | None]]:
+    def deltas(self, out: RequestOutput) -> list[Delta]:
         self.prompt_tokens = len(out.prompt_token_ids)
         changed = []
         for c in out.outputs:
@@ -251,17 +257,17 @@ class _Choices:
 
 
 class _Shape(Protocol):
-    """How one endpoint's answer looks, whole and streamed."""
+    """How one endpoint's answer looks, whole and streamed (chunks as their JSON text)."""
 
     request_id: str
 
-    def opening(self) -> list[BaseModel]:
+    def opening(self) -> list[str]:
         """Chunks sent before any text."""
 
-    def chunk(self, deltas: list[tuple[int, str, str | None]], last: bool) -> BaseModel:
+    def chunk(self, deltas: list[Delta], last: bool) -> str:
         """A chunk of new text; `last` when nothing but [DONE] follows it."""
 
-    def usage_chunk(self, usage: Usage) -> BaseModel: ...
+    def usage_chunk(self, usage: Usage) -> str: ...
 
     def whole(self, choices: _Choices) -> BaseModel: ...
 
@@ -289,48 +295,70 @@ async def _generate(
     stream = await app.engine.add(job.shape.request_id, job.prepare)
     choices = _Choices(body.n)
     if body.stream:
-        events = _events(stream, timer, choices, job.shape, body.include_usage)
-        return StreamingResponse(_sse(events, stream, timer), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return _EventStream(stream, timer, choices, job.shape, body.include_usage)
     if not await _finished_output(stream, timer, request, choices):
         return error_response(_CLIENT_GONE)
     return JSONResponse(job.shape.whole(choices).model_dump())
 
 
-async def _events(
-    stream: RequestStream, timer: RequestTimer, choices: _Choices, shape: _Shape, include_usage: bool
-) -> AsyncIterator[BaseModel]:
-    for event in shape.opening():
-        yield event
-    async for out in stream:
-        timer.observe(out)
-        deltas = choices.deltas(out)
-        if deltas:
-            yield shape.chunk(deltas, last=choices.all_finished and not include_usage)
-    if include_usage:
-        yield shape.usage_chunk(choices.usage())
+def _event(data: str) -> Message:
+    return {"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True}
 
 
-async def _sse(events: AsyncIterator[BaseModel], stream: RequestStream, timer: RequestTimer) -> AsyncIterator[str]:
-    """Frame events as SSE; on any exit (done, client gone, cancelled) close the request.
+class _EventStream(Response):
+    """The answer as server-sent events, sent by one coroutine straight from the request's
+    stream: no generator layers between an engine output and its chunk, one send per output
+    (tokens that queued while the client or the loop lagged go out as one chunk).
 
-    The status line went out with the first byte, so a failure after it is sent as an error
-    event before [DONE]: the client always learns how its request ended."""
-    try:
-        async for event in events:
-            yield f"data: {event.model_dump_json()}\n\n"
-    except EngineUnavailable as exc:
-        yield f"data: {ApiError(503, str(exc), 'server_error', code='service_unavailable').body().model_dump_json()}\n\n"
-    except Exception:
-        log.exception("stream %s failed", stream.request_id)
-        yield f"data: {ApiError(500, 'internal server error', 'server_error').body().model_dump_json()}\n\n"
-    finally:
-        stream.close()
-        timer.finish()
-    yield "data: [DONE]\n\n"
+    A client that disconnects ends the request at once, whether or not a chunk is due (a
+    watcher on `receive` closes the stream). The status line went out with the first byte, so
+    a failure after it is sent as an error event before [DONE]: the client always learns how
+    its request ended."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, stream: RequestStream, timer: RequestTimer, choices: _Choices, shape: _Shape, include_usage: bool):
+        self.status_code = 200
+        self.background = None
+        self.init_headers(_SSE_HEADERS)
+        self.stream, self.timer, self.choices, self.shape, self.include_usage = stream, timer, choices, shape, include_usage
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(self._close_on_disconnect(receive))
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            try:
+                await self._send_chunks(send)
+            except EngineUnavailable as exc:
+                await send(_event(ApiError(503, str(exc), "server_error", code="service_unavailable").body().model_dump_json()))
+            except Exception:
+                log.exception("stream %s failed", self.stream.request_id)
+                await send(_event(ApiError(500, "internal server error", "server_error").body().model_dump_json()))
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        finally:
+            watcher.cancel()
+            self.stream.close()
+            self.timer.finish()
+
+    async def _send_chunks(self, send: Send) -> None:
+        shape, choices, timer = self.shape, self.choices, self.timer
+        for opening in shape.opening():
+            await send(_event(opening))
+        async for out in self.stream:
+            timer.observe(out)
+            deltas = choices.deltas(out)
+            if deltas:
+                await send(_event(shape.chunk(deltas, last=choices.all_finished and not self.include_usage)))
+        if self.include_usage:
+            await send(_event(shape.usage_chunk(choices.usage())))
+
+    async def _close_on_disconnect(self, receive: Receive) -> None:
+        await _until_disconnect(receive)
+        self.stream.close()
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
@@ -343,7 +371,7 @@ async def _finished_output(stream: RequestStream, timer: RequestTimer, request: 
             choices.deltas(out)
 
     work = asyncio.ensure_future(consume())
-    watcher = asyncio.ensure_future(_until_disconnect(request))
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -370,20 +398,24 @@ class _CompletionShape:
     request_id: str
     created: int
     body: CompletionRequest
+    _text_chunks: TextChunks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._text_chunks = TextChunks.around(self._response([]).model_dump_json(), completion_choice)
 
     def _response(self, items: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(
             id=self.request_id, created=self.created, model=self.body.model, choices=items, usage=usage
         )
 
-    def opening(self) -> list[BaseModel]:
+    def opening(self) -> list[str]:
         return []
 
-    def chunk(self, deltas: list[tuple[int, str, str | None]], last: bool) -> BaseModel:
-        return self._response([CompletionChoice(index=i, text=t, finish_reason=f) for i, t, f in deltas])
+    def chunk(self, deltas: list[Delta], last: bool) -> str:
+        return self._text_chunks(deltas)
 
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self._response([], usage)
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._response([], usage).model_dump_json()
 
     def whole(self, choices: _Choices) -> BaseModel:
         items = [
@@ -402,22 +434,28 @@ class _ChatShape:
     created: int
     body: ChatCompletionRequest
     sources: list[Source] | None  # RAG passages, on the last chunk or the whole answer
+    _text_chunks: TextChunks = field(init=False)
 
-    def _chunk(self, items: list[ChatChunkChoice], usage: Usage | None = None, last: bool = False) -> BaseModel:
+    def __post_init__(self) -> None:
+        self._text_chunks = TextChunks.around(self._chunk([]), chat_choice)
+
+    def _chunk(self, items: list[ChatChunkChoice], usage: Usage | None = None, last: bool = False) -> str:
         return ChatCompletionChunk(
             id=self.request_id, created=self.created, model=self.body.model, choices=items, usage=usage,
             rag_sources=self.sources if last else None,
-        )
+        ).model_dump_json()
 
-    def opening(self) -> list[BaseModel]:
+    def opening(self) -> list[str]:
         delta = DeltaMessage(role="assistant", content="")
         return [self._chunk([ChatChunkChoice(index=i, delta=delta, finish_reason=None) for i in range(self.body.n)])]
 
-    def chunk(self, deltas: list[tuple[int, str, str | None]], last: bool) -> BaseModel:
-        items = [ChatChunkChoice(index=i, delta=DeltaMessage(content=t or None), finish_reason=f) for i, t, f in deltas]
-        return self._chunk(items, last=last)
+    def chunk(self, deltas: list[Delta], last: bool) -> str:
+        if last and self.sources is not None:
+            items = [ChatChunkChoice(index=i, delta=DeltaMessage(content=t or None), finish_reason=f) for i, t, f in deltas]
+            return self._chunk(items, last=True)
+        return self._text_chunks(deltas)
 
-    def usage_chunk(self, usage: Usage) -> BaseModel:
+    def usage_chunk(self, usage: Usage) -> str:
         return self._chunk([], usage, last=True)
 
     def whole(self, choices: _Choices) -> BaseModel:
