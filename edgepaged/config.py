@@ -27,27 +27,31 @@ class DecodeFusions:
     """
 
     qkv: bool = True  # (embedding or residual add) + RMSNorm + QKV + rope + KV write: one launch
-    attn: bool = True  # split decode attention merges in its own launch (any batch size)
+    # The last split of decode attention merges the others in its launch, no merge kernel (any
+    # batch size). Off by default: alone it
+    # measured 4-6% slower on the H200 (docs/benchmarks/fusion-h200-2026-12-03.md).
+    attn: bool = False
     mlp: bool = True  # residual add + RMSNorm + gate_up + SiLU * up: one launch
     gemv: bool = True  # o_proj and down_proj through the same GEMV kernel instead of cuBLAS
     greedy: bool = True  # lm_head + argmax in one launch when every row is plainly greedy
 
     @classmethod
     def parse(cls, text: str) -> DecodeFusions:
-        """"all", "none", or a comma-separated list of the field names that are on."""
+        """"" or "default" (the defaults above), "all", "none", or a comma-separated list of the
+        field names that are on."""
         text = text.strip().lower()
         names = [f for f in cls.__dataclass_fields__]
-        if text in ("", "all"):
+        if text in ("", "default"):
             return cls()
-        wanted = set() if text == "none" else {t.strip() for t in text.split(",") if t.strip()}
+        wanted = set(names) if text == "all" else set() if text == "none" else {t.strip() for t in text.split(",") if t.strip()}
         unknown = wanted - set(names)
         if unknown:
-            raise ValueError(f"{FUSIONS_ENV}: unknown fusion(s) {sorted(unknown)}; known: all, none, {', '.join(names)}")
+            raise ValueError(f"{FUSIONS_ENV}: unknown fusion(s) {sorted(unknown)}; known: default, all, none, {', '.join(names)}")
         return cls(**{name: name in wanted for name in names})
 
     @classmethod
     def from_env(cls) -> DecodeFusions:
-        return cls.parse(os.environ.get(FUSIONS_ENV, "all"))
+        return cls.parse(os.environ.get(FUSIONS_ENV, "default"))
 
 
 @dataclass(frozen=True, slots=True)
