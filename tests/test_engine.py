@@ -56,6 +56,19 @@ def test_sampler_top_k_1_and_tiny_top_p_are_greedy():
     assert Sampler()(logits, rows).tolist() == greedy
 
 
+def test_greedy_rows_take_the_first_of_tied_maxima_as_torch_does():
+    """The CPU sampler's argmax runs through numpy; ties and a NaN pick what torch's would."""
+    logits = torch.randn(6, 300)
+    logits[1, [7, 120, 299]] = 50.0  # a three-way tie
+    logits[2] = 0.0  # all tied
+    logits[3, 40] = float("nan")
+    rows = [SamplingRow(SamplingParams(temperature=0.0), None)] * 6
+    got = Sampler()(logits, rows)
+    assert got.dtype == torch.int64
+    assert got.tolist() == logits.argmax(-1).tolist()
+    assert got.tolist()[1:4] == [7, 0, 40]
+
+
 def test_sampler_top_k_restricts_support():
     logits = torch.randn(1, 50)
     allowed = set(logits[0].topk(5).indices.tolist())

@@ -65,3 +65,24 @@ def test_cli_generate_streams_an_answer(tiny_model_dir):
     assert bad.exit_code == 2 and "empty" in bad.output
     bad = CliRunner().invoke(app, ["generate", "hi", "--model", str(tiny_model_dir), "--temperature", "-1"])
     assert bad.exit_code == 2 and "temperature" in bad.output
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 12])
+def test_rope_with_the_signed_sin_is_transformers_rotate_half(rotary_dim):
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), over the leading rotary_dim
+    dims of each head (12 of 16: partial rotary passes the rest through)."""
+    import torch
+
+    from edgepaged.models.llama import apply_rope, signed_sin
+    from edgepaged.models.rope import rope_tables
+
+    cos_t, sin_t = rope_tables(rotary_dim, 10000.0, None, 64, "cpu")
+    positions = torch.tensor([0, 5, 63])
+    cos, sin = cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1)
+    x = torch.randn(3, 4, 16)
+    r, half = x[..., :rotary_dim], rotary_dim // 2
+    rotated = torch.cat((-r[..., half:], r[..., :half]), dim=-1)
+    want = torch.cat((r * cos + rotated * sin, x[..., rotary_dim:]), dim=-1)
+    got = apply_rope(x, cos, signed_sin(sin))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])

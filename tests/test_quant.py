@@ -44,6 +44,23 @@ def test_repacking_matches_gguf_dequantisation_and_the_cpu_kernels_match_it(kind
     assert _relative(weight.embedding(rows), reference[rows]) < 1e-2
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K"])
+def test_cpu_linear_returns_the_dtype_it_is_given_and_converts_nothing_in_bfloat16(kind):
+    """bfloat16 in, bfloat16 out, the very numbers a float32 caller gets (the kernel computes in
+    bfloat16 either way): the CPU decoder hands its projections bfloat16 and pays no conversion."""
+    rng = np.random.default_rng(1)
+    n, k = 80, 512
+    weight = cpu_weight(REPACKERS[kind](gguf_bytes(kind, rng.standard_normal((n, k)), rng)), torch.float32)
+    assert weight.compute_dtype == torch.bfloat16
+    x = torch.randn(3, k).bfloat16()
+    y16, y32 = weight.linear(x), weight.linear(x.float())
+    assert (y16.dtype, y32.dtype) == (torch.bfloat16, torch.float32)
+    assert torch.equal(y16.float(), y32)
+    bias = torch.randn(n)
+    assert torch.allclose(weight.linear(x, bias).float(), y32 + bias, rtol=1e-2, atol=1e-2)
+    assert weight.linear(x[None]).shape == (1, 3, n)
+
+
 def test_cpu_int4_kernel_conventions():
     """What cpu.py relies on: w = (q - 8) * scale + zero, and the packed rows it decodes."""
     n, k, g = 96, 64, 32
@@ -348,3 +365,39 @@ def test_tensor_table_reads_what_gguf_reader_reads(tmp_path, tokenizer_dir, whic
     for a, b in zip(ours.tensors, theirs.tensors):
         assert a.tensor_type == b.tensor_type and a.shape == tuple(int(d) for d in b.shape)
         assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+
+
+def test_cpu_decode_layer_converts_dtypes_six_times(tmp_path):
+    """A layer of a Q4_1 model at batch 1 converts exactly six times: each norm's output to
+    the projections' bfloat16, the QKV output to the model's float32 for rope and the KV pool
+    and the attention output back, the gate to float32 for SiLU * up and the product back;
+    nothing around each matmul (the residual adds promote the bfloat16 outputs in the add)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Conversions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor) and out.dtype != args[0].dtype:
+                self.seen.append((str(func), args[0].dtype, out.dtype))
+            return out
+
+    folder = write_gguf_model(tmp_path / "q4_1", RECIPES["q4_1"])
+    engine = make_engine(folder, quantization="keep", num_kv_blocks=16)
+    engine.add_request("r", list(range(1, 20)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.step()  # the prompt
+    layer, mode = engine.model.layers[1], Conversions()
+    forward = layer.forward
+
+    def watched(*args, **kwargs):
+        with mode:
+            return forward(*args, **kwargs)
+
+    layer.forward = watched
+    engine.step()  # one decode token
+    layer.forward = forward
+    conversions = sorted(f"{a} -> {b}" for _, a, b in mode.seen)
+    assert conversions == ["torch.bfloat16 -> torch.float32"] * 2 + ["torch.float32 -> torch.bfloat16"] * 4, mode.seen

@@ -1,9 +1,11 @@
 """Paged attention in plain PyTorch: the reference every faster backend is checked against.
 
 Each step gathers every sequence's keys and values through its block table into a padded
-batch (indices built once per step, reused by all layers) and runs one masked SDPA for the
-decodes and one for the prefill chunks. Grouped-query attention needs no K/V expansion: the
-query heads of a group are laid out as extra query rows over the group's one K/V head.
+batch (whole blocks, indices built once per step, reused by all layers) and runs one masked
+SDPA for the decodes and one for the prefill chunks. Grouped-query attention needs no K/V
+expansion: the query heads of a group are laid out as extra query rows over the group's one
+K/V head. A decode step of one sequence needs no mask (its context is the whole gathered
+length), which is batch-1 decode on a CPU, where each of a layer's ops counts.
 
 8-bit pools (`QuantizedCache`) are written through `quantize_kv` and gathered through
 `dequantize_kv` into the query's dtype: the same format the Triton kernels write and read.
@@ -23,8 +25,9 @@ from ..attention import AttentionBackend, AttentionBatch, QuantizedCache, dequan
 class _Gather:
     """One padded attention problem: which cache slots to read and what each query may see."""
 
-    slots: torch.Tensor  # int64 [S, L]
-    mask: torch.Tensor  # bool [S, 1, Q * group, L]
+    blocks: torch.Tensor  # int64 [S * ceil(L / block_size)]: each sequence's blocks, flat
+    length: int  # L: keys gathered per sequence
+    mask: torch.Tensor | None  # bool [S, 1, Q * group, L]; None when every key is visible
     rows: torch.Tensor | None  # int64 [T_part]: flat (s * Q + i) index of each real query row
     num_seqs: int
     max_q: int
@@ -40,22 +43,26 @@ class TorchPrepared:
 
 @dataclass(slots=True)
 class _Pool:
-    """One layer's K or V pool flattened to slots [num_slots, Hkv, D]; an 8-bit pool as bytes
-    with its scales [num_slots, Hkv] and the codes' dtype."""
+    """One layer's K or V pool [num_blocks, block_size, Hkv, D]; an 8-bit pool as bytes with
+    its scales [num_blocks, block_size, Hkv] and the codes' dtype."""
 
-    flat: torch.Tensor
+    data: torch.Tensor
     scale: torch.Tensor | None
     dtype: torch.dtype | None = None
 
-    def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def gather(self, g: _Gather, dtype: torch.dtype) -> torch.Tensor:
+        """[S, L, Hkv, D]: whole blocks taken (one index per block, not per slot), then cut to L."""
+        def take(t: torch.Tensor) -> torch.Tensor:
+            rows = t.index_select(0, g.blocks)
+            return rows.view(g.num_seqs, -1, *t.shape[2:])[:, : g.length]
+
         if self.scale is None:
-            return self.flat[slots]
-        return dequantize_kv(self.flat[slots].view(self.dtype), self.scale[slots], dtype)
+            return take(self.data)
+        return dequantize_kv(take(self.data).view(self.dtype), take(self.scale), dtype)
 
 
-def _slots_for(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(length, device=block_tables.device)
-    return block_tables[:, pos // block_size].long() * block_size + pos % block_size
+def _blocks_for(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    return block_tables[:, : -(-length // block_size)].reshape(-1).long()
 
 
 class TorchRefBackend(AttentionBackend):
@@ -66,11 +73,15 @@ class TorchRefBackend(AttentionBackend):
         decode = prefill = None
         if batch.num_decode_tokens:
             length = batch.max_decode_context_len
-            kv_pos = torch.arange(length, device=batch.slot_mapping.device)
-            visible = kv_pos.unsqueeze(0) < batch.decode_context_lens.unsqueeze(1)  # [S, L]
+            mask = None
+            if batch.num_decode_tokens > 1:
+                kv_pos = torch.arange(length, device=batch.slot_mapping.device)
+                visible = kv_pos.unsqueeze(0) < batch.decode_context_lens.unsqueeze(1)  # [S, L]
+                mask = visible[:, None, None, :].expand(-1, 1, group, -1)
             decode = _Gather(
-                slots=_slots_for(batch.decode_block_tables, length, batch.block_size),
-                mask=visible[:, None, None, :].expand(-1, 1, group, -1),
+                blocks=_blocks_for(batch.decode_block_tables, length, batch.block_size),
+                length=length,
+                mask=mask,
                 rows=None,
                 num_seqs=batch.num_decode_tokens,
                 max_q=1,
@@ -91,7 +102,8 @@ class TorchRefBackend(AttentionBackend):
             mask = allowed.repeat_interleave(group, dim=1).unsqueeze(1)  # [S, 1, Q*group, L]
             rows = (torch.arange(len(q_lens), device=device).unsqueeze(1) * max_q + i.unsqueeze(0))[valid_q]
             prefill = _Gather(
-                slots=_slots_for(batch.prefill_block_tables, length, batch.block_size),
+                blocks=_blocks_for(batch.prefill_block_tables, length, batch.block_size),
+                length=length,
                 mask=mask,
                 rows=rows,
                 num_seqs=len(q_lens),
@@ -113,29 +125,28 @@ class TorchRefBackend(AttentionBackend):
         """Write this step's rows into their slots; the pool as the gathers will read it."""
         hkv, dim = self.num_kv_heads, self.head_dim
         if not isinstance(cache, QuantizedCache):
-            flat = cache.view(-1, hkv, dim)
-            flat.index_copy_(0, slots, x)
-            return _Pool(flat, None)
+            cache.view(-1, hkv, dim).index_copy_(0, slots, x)
+            return _Pool(cache, None)
         codes, scale = quantize_kv(x, cache.dtype)
         # Through bytes: torch has no index_copy_ or gather for fp8 on the CPU.
-        flat = cache.data.view(torch.uint8).view(-1, hkv, dim)
-        flat.index_copy_(0, slots, codes.view(torch.uint8))
-        flat_scale = cache.scale.view(-1, hkv)
-        flat_scale.index_copy_(0, slots, scale)
-        return _Pool(flat, flat_scale, cache.dtype)
+        data = cache.data.view(torch.uint8)
+        data.view(-1, hkv, dim).index_copy_(0, slots, codes.view(torch.uint8))
+        cache.scale.view(-1, hkv).index_copy_(0, slots, scale)
+        return _Pool(data, cache.scale, cache.dtype)
 
     def _attend(self, q: torch.Tensor, g: _Gather, k_pool: _Pool, v_pool: _Pool) -> torch.Tensor:
         hq, hkv, dim = self.num_heads, self.num_kv_heads, self.head_dim
         group = hq // hkv
-        keys = k_pool.gather(g.slots, q.dtype).transpose(1, 2)  # [S, Hkv, L, D]
-        values = v_pool.gather(g.slots, q.dtype).transpose(1, 2)
-        if g.rows is None:
-            qs = q.view(g.num_seqs, 1, hkv, group, dim)
-        else:
-            padded = q.new_zeros(g.num_seqs * g.max_q, hq, dim)
-            padded[g.rows] = q
-            qs = padded.view(g.num_seqs, g.max_q, hkv, group, dim)
+        keys = k_pool.gather(g, q.dtype).transpose(1, 2)  # [S, Hkv, L, D]
+        values = v_pool.gather(g, q.dtype).transpose(1, 2)
+        if g.rows is None:  # one query a sequence: its heads are already [Hkv, group] in order
+            out = F.scaled_dot_product_attention(q.view(g.num_seqs, hkv, group, dim), keys, values, attn_mask=g.mask,
+                                                 scale=self.scale)
+            return out.reshape(g.num_seqs, hq, dim)
+        padded = q.new_zeros(g.num_seqs * g.max_q, hq, dim)
+        padded[g.rows] = q
+        qs = padded.view(g.num_seqs, g.max_q, hkv, group, dim)
         qs = qs.permute(0, 2, 1, 3, 4).reshape(g.num_seqs, hkv, g.max_q * group, dim)
         out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=g.mask, scale=self.scale)
         out = out.view(g.num_seqs, hkv, g.max_q, group, dim).permute(0, 2, 1, 3, 4).reshape(-1, hq, dim)
-        return out if g.rows is None else out[g.rows]
+        return out[g.rows]

@@ -7,8 +7,14 @@ gate/up projections are fused into one matmul each: fewer, larger kernels per la
 
 On CUDA the elementwise work between the matmuls (residual add + RMSNorm, rope, SiLU * up)
 runs as one Triton kernel each instead of a chain of eager ops, and the residual stream travels
-beside the hidden states so the add fuses into the next norm. The CPU path keeps the eager ops,
-which match transformers bit for bit; the choice is made once, at construction.
+beside the hidden states so the add fuses into the next norm. The CPU path runs eager ops, as
+few as it can: at batch 1 a layer's dozen small tensors cost more in per-op dispatch than in
+arithmetic, so each op counts (docs/benchmarks/cpu-decode-notes.md). The residual stream, the
+norms, rope and attention stay in the model's dtype; each projection's input is handed over in
+the dtype its weight computes in (`Linear.compute_dtype`: bfloat16 for packed CPU weights,
+which have no fast float32 kernel), and the output projections' results stay in that dtype
+until the residual add promotes them, so no conversion runs around a matmul (SiLU * up runs
+in float32 between the MLP's two, see `MLP.forward`). The choice is made once, at construction.
 
 A one-token step (batch-1 decode) on CUDA goes further (`DecodeFusions`, kernels/decode_gemv.py):
 add + norm + QKV + rope + KV write is one launch (the first layer's reads the embedding row
@@ -78,6 +84,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype the weight's kernel reads and writes (no conversion around it)."""
+        w = self.weight
+        return w.dtype if isinstance(w, torch.Tensor) else w.compute_dtype
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype, device):
@@ -85,26 +97,33 @@ class RMSNorm(nn.Module):
         self.weight = _param(dim, dtype=dtype, device=device)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementation, so fp16/bf16 runs stay faithful.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """In `out_dtype` (default x's): what the next projection computes in. torch's own op
+        normalises a float32 x as the reference implementation does, in one call."""
+        y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return y if out_dtype is None or out_dtype == y.dtype else y.to(out_dtype)
 
     def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add folded into the norm's kernel."""
         return _kernels().fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., rotary_dim] with rotate-half's sign folded in (-sin on the first half), for
+    `apply_rope`: computed once a step instead of a negation per layer."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, 1, rotary_dim]. Dims past rotary_dim (partial
-    rotary) pass through unchanged, as in transformers' apply_rotary_pos_emb."""
+    """x: [T, heads, head_dim]; cos and `signed_sin` [T, 1, rotary_dim]. transformers'
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) as the halves swapped (a
+    roll by half), (x2, x1), times the signed sin: three ops. Dims past rotary_dim (partial rotary) pass through
+    unchanged, as in transformers' apply_rotary_pos_emb."""
     rotary_dim = cos.shape[-1]
     if rotary_dim != x.shape[-1]:
         return torch.cat((apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
-    half = rotary_dim // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, x.roll(rotary_dim // 2, -1), sin)
 
 
 class Attention(nn.Module):
@@ -120,6 +139,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.rotary_dim = cfg.rotary_dim
         self.backend = backend
+        self.dtype = dtype
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k and v [T, Hkv, D]: views of the fused projection's output."""
@@ -128,13 +148,25 @@ class Attention(nn.Module):
         return q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
 
     def forward(self, x, cos, sin, k_cache, v_cache, prepared) -> torch.Tensor:
+        """The output projection's result in its compute dtype (the caller's residual add
+        promotes it). q and k are roped together, as one tensor of Hq + Hkv heads, unless
+        Qwen3's norms (one weight for q, another for k) come first."""
         t = x.shape[0]
-        q, k, v = self._heads(self.qkv_proj(x))
+        qkv = self.qkv_proj(x)
+        if qkv.dtype != self.dtype:
+            qkv = qkv.to(self.dtype)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = self._heads(qkv)
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        else:
+            qk_size = self.q_size + self.kv_size
+            qk = apply_rope(qkv[:, :qk_size].view(t, -1, self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, k_cache, v_cache, prepared)
-        return self.o_proj(out.reshape(t, self.q_size))
+        out = out.reshape(t, self.q_size)
+        o_dtype = self.o_proj.compute_dtype
+        return self.o_proj(out if out.dtype == o_dtype else out.to(o_dtype))
 
     def fuses_qkv(self, k_cache) -> bool:
         """Whether a one-token step can run norm + QKV + rope + KV write as one launch: a dense
@@ -185,8 +217,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The down projection's result in its compute dtype. SiLU * up runs in float32 and is
+        rounded once, as the reference computes it: in bfloat16 (two roundings) greedy
+        decodes of quantized models part from their float32 dequantisation on near-ties."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        h = F.silu(gate.float()) * up
+        down = self.down_proj.compute_dtype
+        return self.down_proj(h if h.dtype == down else h.to(down))
 
     def forward_fused(
         self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, fusions: DecodeFusions
@@ -213,8 +250,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, dtype, device)
 
     def forward(self, x, cos, sin, k_cache, v_cache, prepared) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, prepared)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn, mlp = self.self_attn, self.mlp
+        x = x + attn(self.input_layernorm(x, attn.qkv_proj.compute_dtype), cos, sin, k_cache, v_cache, prepared)
+        return x + mlp(self.post_attention_layernorm(x, mlp.gate_up_proj.compute_dtype))
 
     def forward_fused(
         self, x, residual, positions, cos_table, sin_table, k_cache, v_cache, prepared,
@@ -277,7 +315,7 @@ class LlamaForCausalLM(nn.Module):
             return self.norm.forward_fused(x, residual)[0]
         x = embedding(input_ids, self.embed_tokens)
         cos = self.rope_cos[positions].unsqueeze(1)
-        sin = self.rope_sin[positions].unsqueeze(1)
+        sin = signed_sin(self.rope_sin[positions]).unsqueeze(1)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, prepared)
         return self.norm(x)

@@ -1,9 +1,12 @@
 """The CPU matmuls of packed weights: PyTorch's own int4 and int8 weight-only kernels.
 
 `torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G, scales_and_zeros)` is the fast one
-here (AVX-512/AVX2, bfloat16 activations; its float32 path is not vectorised and is ~10x
-slower, so x is cast to bfloat16 per matmul and the result back). Its conventions, checked
-empirically on torch 2.13 (tests/test_quant.py keeps them checked):
+here (AVX-512/AVX2, bfloat16 activations; its float32 path is not vectorised and is 20-30x
+slower). So every weight here computes in `compute_dtype` (bfloat16) and its `linear` returns
+x's own dtype: a caller that keeps its activations in bfloat16 between the matmuls (the CPU
+decoder, models/llama.py) pays no conversion around them, and a float32 caller gets float32
+back. Its conventions, checked empirically on torch 2.13 (tests/test_quant.py keeps them
+checked):
 
 - weights are repacked by `_convert_weight_to_int4pack_for_cpu` from int32 [N, K] values 0..15
   into uint8 [N, K/2], in blocks of 64 rows: block b is [K, 32] bytes, byte (k, j) holding row
@@ -12,9 +15,11 @@ empirically on torch 2.13 (tests/test_quant.py keeps them checked):
 - `scales_and_zeros` is [K/G, N, 2] in x's dtype and w = (q - 8) * scale + zero, so
   zero = offset + 8 * scale; G in {32, 64, 128, 256}.
 
-int8 weights with groups of 32+ run as two int4 matmuls over the same bytes: u = q + 128 =
-16 hi + lo, so w = s q = (hi - 8) 16s + (lo - 8) s + 8s, an exact split (two nibble planes are
-the int8 byte, stored once). Groups of 16 (Q6_K), which the int4 kernel does not take, run as
+int8 weights with groups of 32+ run as one int4 matmul over 2K columns, the high nibble plane
+of u = q + 128 = 16 hi + lo beside the low one, and x beside itself: w = s q = (hi - 8) 16s +
+(lo - 8) s + 8s, an exact split (the two planes are the int8 byte, stored once), each plane's
+groups with their own scale and zero. One matmul, not one per plane: the planes share one
+float32 accumulator (one bfloat16 rounding of the sum) and the step one kernel launch fewer. Groups of 16 (Q6_K), which the int4 kernel does not take, run as
 one int4 matmul over 2K columns in groups of 32: each group of 16 becomes its 16 low nibbles
 then its 16 high nibbles of u = q + 136, and x its 16 values then 16 times them, so a group's
 sum is s (sum (lo - 8) x + sum (hi - 8) 16x) = s sum (u - 136) x = s sum q x with a zero of 0:
@@ -80,8 +85,12 @@ def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.T
 class CpuWeight(nn.Module):
     """A packed weight in the CPU kernels' layout: `linear(x, bias)`, `embedding(ids)`, `nbytes`.
 
-    `dtype` is the activations' dtype (what `linear` and `embedding` return), not the storage's.
+    `dtype` is the model's activations' dtype (what `embedding` returns), not the storage's;
+    `compute_dtype` is the one the kernel reads and writes: `linear` returns x's dtype, and
+    converts only an x of another dtype (in, and the result back).
     """
+
+    compute_dtype = _COMPUTE
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype):
         super().__init__()
@@ -96,11 +105,18 @@ class CpuWeight(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def _finish(self, y: torch.Tensor, bias: torch.Tensor | None, lead: torch.Size) -> torch.Tensor:
-        y = y.to(self.dtype)
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [T, K] in the compute dtype. The checks are Python's, not ops: at batch 1 a
+        no-op `reshape` or `to` still costs a dispatch, and a model has 4 linears a layer."""
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.shape[1])
+        return x2 if x2.dtype == _COMPUTE else x2.to(_COMPUTE)
+
+    def _finish(self, y: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if bias is not None:
             y = y + bias
-        return y.view(*lead, self.shape[0])
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.shape[0])
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -116,8 +132,7 @@ class CpuInt4(CpuWeight):
         self.register_buffer("scales_and_zeros", _scales_and_zeros(w.scales, zeros))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x2 = x.reshape(-1, self.shape[1]).to(_COMPUTE)
-        return self._finish(_int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros), bias, x.shape[:-1])
+        return self._finish(_int4_mm(self._flat(x), self.packed, self.group_size, self.scales_and_zeros), bias, x)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         q = _int4_rows(self.packed, rows).float() - 8
@@ -127,28 +142,28 @@ class CpuInt4(CpuWeight):
 
 
 class CpuInt8Planes(CpuWeight):
-    """int8 with groups of 32+ as two int4 matmuls (high and low nibble of q + 128), see the module doc."""
+    """int8 with groups of 32+ as one int4 matmul over [high plane, low plane] of q + 128, 2K
+    columns, see the module doc."""
 
     def __init__(self, w: Int8Weight, dtype: torch.dtype):
         super().__init__(w.shape, dtype)
         self.group_size = w.group_size
         u = w.qweight.numpy().view(np.uint8) ^ 0x80  # q + 128 (flipping the sign bit)
-        self.register_buffer("high", _pack_int4(torch.from_numpy(u >> 4)))
-        self.register_buffer("low", _pack_int4(torch.from_numpy(u & 0xF)))
+        self.register_buffer("packed", _pack_int4(torch.from_numpy(np.concatenate((u >> 4, u & 0xF), axis=1))))
         s = w.scales.float()
-        self.register_buffer("sz_high", _scales_and_zeros(16 * s, torch.zeros_like(s)))
-        self.register_buffer("sz_low", _scales_and_zeros(s, 8 * s))
+        high, low = _scales_and_zeros(16 * s, torch.zeros_like(s)), _scales_and_zeros(s, 8 * s)
+        self.register_buffer("scales_and_zeros", torch.cat((high, low)))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x2 = x.reshape(-1, self.shape[1]).to(_COMPUTE)
-        g = self.group_size
-        y = _int4_mm(x2, self.high, g, self.sz_high).float() + _int4_mm(x2, self.low, g, self.sz_low).float()
-        return self._finish(y, bias, x.shape[:-1])
+        x2 = self._flat(x)
+        y = _int4_mm(torch.cat((x2, x2), dim=1), self.packed, self.group_size, self.scales_and_zeros)
+        return self._finish(y, bias, x)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
-        u = _int4_rows(self.high, rows).float() * 16 + _int4_rows(self.low, rows).float()
-        s = self.sz_low[:, rows, 0].float().t().repeat_interleave(self.group_size, 1)
-        return (u - 128) * s
+        k = self.shape[1]
+        nibbles = _int4_rows(self.packed, rows).float()
+        s = self.scales_and_zeros[k // self.group_size :, rows, 0].float().t().repeat_interleave(self.group_size, 1)
+        return (nibbles[:, :k] * 16 + nibbles[:, k:] - 128) * s
 
 
 class CpuInt8Interleaved(CpuWeight):
@@ -182,7 +197,7 @@ class CpuInt8Interleaved(CpuWeight):
         k, g = self.shape[1], self.group_size
         x4 = x.reshape(-1, k // g, 1, g).to(_COMPUTE)
         x2 = torch.cat((x4, x4 * 16), dim=2).reshape(x4.shape[0], 2 * k)  # * 16 is exact in bfloat16
-        return self._finish(_int4_mm(x2, self.packed, 2 * g, self.scales_and_zeros), bias, x.shape[:-1])
+        return self._finish(_int4_mm(x2, self.packed, 2 * g, self.scales_and_zeros), bias, x)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         k, g = self.shape[1], self.group_size
@@ -196,10 +211,11 @@ class CpuDense(CpuWeight):
 
     def __init__(self, w: Int4Weight | Int8Weight, dtype: torch.dtype):
         super().__init__(w.shape, dtype)
+        self.compute_dtype = dtype
         self.register_buffer("weight", w.dequantize().to(dtype))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, self.weight, bias)
+        return F.linear(x.to(self.compute_dtype), self.weight, bias).to(x.dtype)
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self.weight[rows]

@@ -1,5 +1,7 @@
 """A packed weight on its device, behind the interface `models.llama` calls for every format:
-`linear(x, bias)`, `embedding(ids)`, `nbytes`, `shape`, and the activations' `dtype`/`device`.
+`linear(x, bias)`, `embedding(ids)`, `nbytes`, `shape`, the activations' `dtype`/`device`, and
+`compute_dtype`, the activations' dtype its kernel reads and writes (`linear` returns x's dtype,
+converting only an x of another one).
 
 On CUDA the weight stays in the shared layout (formats.py) and runs the Triton W4A16/W8A16
 kernels of `edgepaged.kernels.quant_matmul`, imported on first use so a CPU install never needs
@@ -32,6 +34,7 @@ class CudaWeight(nn.Module):
         super().__init__()
         _gpu_kernels()  # a missing kernel module fails the load, not the first step
         self.shape, self.dtype, self.group_size = w.shape, dtype, w.group_size
+        self.compute_dtype = dtype
         self.bits = w.bits
         w = w.to(device)
         self.register_buffer("qweight", w.qweight)
@@ -71,6 +74,7 @@ class DenseWeight(nn.Module):
     def __init__(self, w: torch.Tensor, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.shape, self.dtype = tuple(w.shape), dtype
+        self.compute_dtype = dtype
         self.register_buffer("weight", w.to(device=device, dtype=dtype))
 
     @property
@@ -82,7 +86,7 @@ class DenseWeight(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, self.weight, bias)
+        return F.linear(x.to(self.compute_dtype), self.weight, bias).to(x.dtype)
 
 
 class ConcatWeight(nn.Module):
@@ -99,6 +103,7 @@ class ConcatWeight(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
         self.dtype = parts[0].dtype
+        self.compute_dtype = parts[0].compute_dtype
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +115,7 @@ class ConcatWeight(nn.Module):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = torch.cat([p.linear(x) for p in self.parts], dim=-1)
-        return y if bias is None else y + bias
+        return y if bias is None else (y + bias).to(x.dtype)
 
 
 def device_weight(w: PackedWeight, dtype: torch.dtype, device: torch.device) -> nn.Module:
