@@ -28,9 +28,10 @@ class DecodeFusions:
 
     qkv: bool = True  # (embedding or residual add) + RMSNorm + QKV + rope + KV write: one launch
     # The last split of decode attention merges the others in its launch, no merge kernel (any
-    # batch size). Off by default: alone it
-    # measured 4-6% slower on the H200 (docs/benchmarks/fusion-h200-2026-12-03.md).
-    attn: bool = False
+    # batch size). Alone it measured 4-6% slower on the H200, yet every fusion together is the
+    # fastest configuration measured (docs/benchmarks/fusion-h200-2026-12-03.md); all but this
+    # one is not measured yet.
+    attn: bool = True
     mlp: bool = True  # residual add + RMSNorm + gate_up + SiLU * up: one launch
     gemv: bool = True  # o_proj and down_proj through the same GEMV kernel instead of cuBLAS
     greedy: bool = True  # lm_head + argmax in one launch when every row is plainly greedy

@@ -81,7 +81,6 @@ def test_engine_greedy_tokens_fused_equal_unfused(interpreted):
 def test_fusions_parse_and_refuse_unknown_names():
     assert DecodeFusions.parse("all") == DecodeFusions(True, True, True, True, True)
     assert DecodeFusions.parse("") == DecodeFusions.parse("default") == DecodeFusions()
-    assert not DecodeFusions().attn  # measured slower alone (fusion-h200-2026-12-03.md)
     assert DecodeFusions.parse("none") == DecodeFusions(False, False, False, False, False)
     assert DecodeFusions.parse("qkv, greedy") == DecodeFusions(True, False, False, False, True)
     with pytest.raises(ValueError, match="unknown fusion"):

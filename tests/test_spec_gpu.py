@@ -61,7 +61,10 @@ def compare(make, monkeypatch_oracle, new_tokens: int) -> dict:
 
 
 def _check(r: dict) -> None:
-    assert r["natural_accepted"] > 0, "prompt lookup found nothing to copy: nothing was verified"
+    # Whether a random model's greedy text repeats its prompt is a property of the weights (on
+    # the H200 on 2026-12-03 it did not: no natural draft was kept). The oracle's drafts are what
+    # make sure verification, rejection and rollback run; the drafter itself is host code, tested
+    # in test_spec.py.
     assert 0 < r["forced_accepted"] < r["forced_drafts"], "the oracle's drafts should be partly kept"
     assert r["natural_equal"], "speculation changed a greedy output"
     assert r["forced_equal"], "rejected drafts changed a greedy output"
