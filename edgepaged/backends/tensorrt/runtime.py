@@ -96,6 +96,11 @@ class ExportedDecoder(nn.Module, ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.embed_tokens if self.lm_head is None else self.lm_head)
 
+    def folds_greedy(self, num_rows: int) -> bool:
+        """Never: the LM head runs here in torch, and the fused greedy launch is the CUDA model's
+        (LlamaForCausalLM.folds_greedy)."""
+        return False
+
     @property
     def resident_bytes(self) -> int:
         """Device bytes this model holds in torch's allocator before any step runs."""
