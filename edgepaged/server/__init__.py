@@ -17,8 +17,8 @@ instead of queueing requests for minutes (`queue_bound`).
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import signal
 import statistics
 import time
@@ -41,7 +41,7 @@ from edgepaged.sampling import SamplingParams
 from edgepaged.server import systemd
 from edgepaged.server.app import RagCollections, ServerConfig, create_app
 from edgepaged.server.async_engine import AdmissionLimits, AsyncEngine, EngineThread
-from edgepaged.server.middleware import HTTP_PARSER_ENV, header_deadline_protocol
+from edgepaged.server.middleware import HeaderDeadline
 from edgepaged.server.protocol import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def run(opts: ServeOptions) -> None:
             timeout_graceful_shutdown=opts.drain_timeout,
             lifespan="on",
             access_log=False,  # the app's own access log has the request id and never the body
-            http=header_deadline_protocol(opts.header_timeout, os.environ.get(HTTP_PARSER_ENV, "auto")),
+            http=functools.partial(HeaderDeadline, header_timeout=opts.header_timeout),
         )
         server = _SystemdServer(uv_config, async_engine, f"http://{opts.host}:{opts.port}")
         async_engine.on_failure = server.on_engine_failure

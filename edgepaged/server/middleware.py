@@ -5,7 +5,7 @@ it (a "simple" request needs no CORS preflight) and, by rebinding its own hostna
 127.0.0.1, read the answers. So the Host header must name this server (`HostCheck`), JSON
 endpoints take only `application/json` (checked by the routes), and CORS stays off unless
 origins are listed. Slow clients are cut off: request headers must arrive within a deadline
-(`header_deadline_protocol`, at the protocol level, since no ASGI app runs before the headers are in) and
+(`HeaderDeadline`, at the protocol level, since no ASGI app runs before the headers are in) and
 the body within another (`BodyLimit`). `AccessLog` gives every request an id and one log line
 with its status and duration, never its body, which holds the user's prompt. `AdmissionGate`
 answers 429 while the queue is full before any of the request's body is read or parsed.
@@ -14,7 +14,6 @@ answers 429 while the queue is full before any of the request's body is read or 
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import time
@@ -23,11 +22,6 @@ from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
-
-try:  # uvicorn's C parser (the "standard" extra); h11, pure Python, costs more loop time per request
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:
-    HttpToolsProtocol = None
 
 from edgepaged.server.errors import ApiError, error_response
 
@@ -189,13 +183,12 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-class _HeaderDeadline:
-    """A uvicorn HTTP protocol that closes a connection whose request headers are not all in
-    within `header_timeout` seconds of its opening or of its previous response.
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not all in within
+    `header_timeout` seconds of its opening or of its previous response.
 
     uvicorn's keep-alive timeout only covers a connection that sends nothing; one that sends a
-    byte now and then, never finishing its headers, would be held open forever. Mixed into both
-    of uvicorn's protocols, which share the hooks used here (`cycle`, `on_response_complete`).
+    byte now and then, never finishing its headers, would be held open forever.
     """
 
     def __init__(self, *args: object, header_timeout: float, **kwargs: object):
@@ -237,26 +230,3 @@ class _HeaderDeadline:
         self._deadline = None
         if not self.transport.is_closing():
             self.transport.close()
-
-
-class H11HeaderDeadline(_HeaderDeadline, H11Protocol):
-    """h11 with the header deadline."""
-
-
-HttpToolsHeaderDeadline = (
-    None if HttpToolsProtocol is None else type("HttpToolsHeaderDeadline", (_HeaderDeadline, HttpToolsProtocol), {})
-)
-
-
-HTTP_PARSER_ENV = "EDGEPAGED_HTTP_PARSER"  # auto, h11 or httptools: for measuring one against the other
-
-
-def header_deadline_protocol(header_timeout: float, parser: str = "auto") -> Callable[..., asyncio.Protocol]:
-    """The protocol factory for uvicorn's `http`: httptools where installed ("auto"), else h11."""
-    if parser not in ("auto", "h11", "httptools"):
-        raise ValueError(f"unknown HTTP parser {parser!r}: auto, h11 or httptools")
-    if parser == "httptools" and HttpToolsHeaderDeadline is None:
-        raise ValueError("the httptools HTTP parser is not installed (pip install httptools)")
-    use_httptools = parser == "httptools" or (parser == "auto" and HttpToolsHeaderDeadline is not None)
-    cls = HttpToolsHeaderDeadline if use_httptools else H11HeaderDeadline
-    return functools.partial(cls, header_timeout=header_timeout)
