@@ -184,7 +184,7 @@ class Scheduler:
         request.num_verify_steps += 1
         self.num_draft_tokens += verdict.num_drafts
         self.num_accepted_tokens += verdict.num_accepted
-        self.drafters[seq.seq_id].record(verdict.num_accepted)
+        self.drafters[seq.seq_id].record(verdict.num_accepted, verdict.num_drafts)
         if seq.status is SequenceStatus.RUNNING:
             seq.num_computed_tokens -= verdict.num_drafts - verdict.num_accepted
             self.kv.trim(seq)

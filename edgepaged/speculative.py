@@ -21,7 +21,10 @@ only once its tokens are all accepted ones, so the cache never holds a rejected 
 
 Prompts with nothing to copy must not pay for drafts the model rejects: after MISS_LIMIT verify
 steps in a row that kept no draft, a sequence stops drafting for a pause that doubles with each
-further run of misses (up to MAX_PAUSE steps), and an accepted draft resets it.
+further run of misses (up to MAX_PAUSE steps), and an accepted draft resets it. Between misses the
+draft length follows what the model keeps: one more than the last step kept, doubled after a
+step that kept every draft. A verify row the model rejects still costs a row of the forward
+pass, which on a CPU (compute-bound int4 matmuls) is most of a decode step's cost per row.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class PromptLookup:
     _resume_at: int = 0  # no drafts before this step
     _misses: int = 0  # verify steps in a row that kept no draft
     _pause: int = FIRST_PAUSE
+    _length: int = 0  # drafts to propose at most (0: as many as asked, before any verify step)
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
         """Up to `k` tokens that followed the latest earlier occurrence of the longest matching
@@ -65,6 +69,7 @@ class PromptLookup:
         self._steps += 1
         if self._steps < self._resume_at:
             return []
+        k = min(k, self._length) if self._length else k
         end = len(token_ids)
         for n, index in self._ends.items():
             for stop in range(max(self._indexed, n), end):
@@ -78,8 +83,9 @@ class PromptLookup:
                 return token_ids[at : at + k]
         return []
 
-    def record(self, num_accepted: int) -> None:
+    def record(self, num_accepted: int, num_drafts: int) -> None:
         """The outcome of a verify step of this sequence's drafts."""
+        self._length = 2 * num_drafts if num_accepted == num_drafts else num_accepted + 1
         if num_accepted:
             self._misses, self._pause = 0, FIRST_PAUSE
             return

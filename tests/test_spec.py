@@ -54,7 +54,7 @@ def test_drafting_pauses_after_misses_and_the_pause_doubles():
     def run_of_misses() -> int:
         for _ in range(MISS_LIMIT):
             assert d.propose(tokens, 2)
-            d.record(0)
+            d.record(0, 2)
         skipped = 0
         while not d.propose(tokens, 2):
             skipped += 1
@@ -62,8 +62,22 @@ def test_drafting_pauses_after_misses_and_the_pause_doubles():
 
     assert run_of_misses() == FIRST_PAUSE - 1
     assert run_of_misses() == 2 * FIRST_PAUSE - 1
-    d.record(1)  # an accepted draft resets the pause
+    d.record(1, 1)  # an accepted draft resets the pause
     assert run_of_misses() == FIRST_PAUSE - 1
+
+
+def test_the_draft_length_follows_what_the_model_keeps():
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]  # (1, 2) was followed by 3..10
+    d = PromptLookup()
+    assert d.propose(tokens, 6) == [3, 4, 5, 6, 7, 8]  # before any verify step: as many as asked
+    d.record(1, 6)  # kept one of six: one more than that next time
+    assert d.propose(tokens, 6) == [3, 4]
+    d.record(2, 2)  # kept both: twice as many
+    assert d.propose(tokens, 6) == [3, 4, 5, 6]
+    d.record(4, 4)
+    assert d.propose(tokens, 6) == [3, 4, 5, 6, 7, 8]  # never more than asked
+    d.record(0, 6)  # a miss: a single draft next time
+    assert d.propose(tokens, 6) == [3]
 
 
 def test_accepted_tokens_keep_the_leading_accepted_drafts_then_one_more():
@@ -182,7 +196,7 @@ class _Oracle:
 def _with_oracle(monkeypatch, references):
     oracle = _Oracle(references)
     monkeypatch.setattr(PromptLookup, "propose", lambda self, token_ids, k: oracle.propose(token_ids, k))
-    monkeypatch.setattr(PromptLookup, "record", lambda self, num_accepted: None)
+    monkeypatch.setattr(PromptLookup, "record", lambda self, num_accepted, num_drafts: None)
 
 
 def _blocks_match_computed(engine) -> None:
