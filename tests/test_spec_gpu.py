@@ -132,6 +132,6 @@ if __name__ == "__main__":
 
         o = _Oracle(references)
         PromptLookup.propose = lambda self, token_ids, k: o.propose(token_ids, k)
-        PromptLookup.record = lambda self, num_accepted: None
+        PromptLookup.record = lambda self, num_accepted, num_drafts: None
 
     print(json.dumps(compare(make, oracle, INTERPRETED_NEW_TOKENS)))
