@@ -56,7 +56,7 @@ class PromptLookup:
     _ends: dict[int, dict[tuple[int, ...], list[int]]] = field(
         default_factory=lambda: {n: {} for n in range(NGRAM_MIN, NGRAM_MAX + 1)}
     )
-    _indexed: int = 0  # n-grams ending at positions < this are in `_last`
+    _indexed: int = 0  # n-grams ending at positions < this are in `_ends`
     _steps: int = 0  # decode steps seen (proposals asked for)
     _resume_at: int = 0  # no drafts before this step
     _misses: int = 0  # verify steps in a row that kept no draft

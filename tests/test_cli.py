@@ -36,6 +36,7 @@ from edgepaged.models.loader import (
 from edgepaged.profiles import load_profile
 from edgepaged.rag import ChunkOrder, Embedder, RagStore, index_directory
 from edgepaged.rag.pipeline import DEFAULT_SPECULATIVE
+from edgepaged.sampling import MAX_SPECULATIVE
 from edgepaged.rag.store import DEFAULT_MAX_FILE_BYTES
 from edgepaged.sampling import SamplingParams
 from edgepaged.server import open_rag
@@ -69,6 +70,7 @@ def test_the_rag_cli_spells_the_library_values():
     assert typing.get_args(rag_cli.Order) == tuple(o.value for o in ChunkOrder)
     assert rag_cli.MAX_FILE_MB * 2**20 == DEFAULT_MAX_FILE_BYTES
     assert rag_cli.SPECULATIVE == DEFAULT_SPECULATIVE
+    assert rag_cli.MAX_SPECULATIVE == MAX_SPECULATIVE
 
 
 @pytest.fixture()

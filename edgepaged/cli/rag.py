@@ -36,8 +36,9 @@ app = typer.Typer(help="Answer questions from a local folder of text, Markdown a
 Order = Literal["canonical", "score"]
 # edgepaged.rag.store.DEFAULT_MAX_FILE_BYTES in MiB, for the same reason.
 MAX_FILE_MB = 5.0
-# edgepaged.rag.pipeline.DEFAULT_SPECULATIVE, for the same reason.
+# edgepaged.rag.pipeline.DEFAULT_SPECULATIVE and edgepaged.sampling.MAX_SPECULATIVE, for the same reason.
 SPECULATIVE = 6
+MAX_SPECULATIVE = 15
 # Question tokens `rag chat` sizes its pool for; a longer question is refused with the reason.
 CHAT_QUESTION_TOKENS = 256
 # Tokens a passage adds beyond its chunk: its "[path #index]" header and separator, and the
@@ -58,7 +59,7 @@ _REPETITION_PENALTY = typer.Option(
     1.0, "--repetition-penalty", help="above 1 discourages tokens already in the prompt or answer (1: off)"
 )
 _SPECULATIVE = typer.Option(
-    SPECULATIVE, "--speculative", min=0, max=15, help="draft tokens per step copied from the passages (0: off); same answers"
+    SPECULATIVE, "--speculative", min=0, max=MAX_SPECULATIVE, help="draft tokens per step copied from the passages (0: off); same answers"
 )
 _SERVER = typer.Option(None, "--server", help="ask a running `edgepaged serve` at this URL instead of loading models")
 _COLLECTION = typer.Option(None, "--collection", help="with --server: the NAME the server was given with --rag NAME=DB")

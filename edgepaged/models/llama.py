@@ -90,6 +90,13 @@ class Linear(nn.Module):
         w = self.weight
         return w.dtype if isinstance(w, torch.Tensor) else w.compute_dtype
 
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """self(x) with x handed over in the compute dtype, so the result stays in it: for a
+        caller whose next op (the residual add) promotes it anyway. The check is Python's: a
+        no-op `to` still costs a dispatch at batch 1."""
+        dtype = self.compute_dtype
+        return self(x if x.dtype == dtype else x.to(dtype))
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype, device):
@@ -117,9 +124,9 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos and `signed_sin` [T, 1, rotary_dim]. transformers'
-    x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) as the halves swapped (a
-    roll by half), (x2, x1), times the signed sin: three ops. Dims past rotary_dim (partial rotary) pass through
-    unchanged, as in transformers' apply_rotary_pos_emb."""
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1): the halves swapped (a roll
+    by half, (x2, x1)) times the signed sin, three ops in all. Dims past rotary_dim (partial
+    rotary) pass through unchanged, as in transformers' apply_rotary_pos_emb."""
     rotary_dim = cos.shape[-1]
     if rotary_dim != x.shape[-1]:
         return torch.cat((apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
@@ -164,9 +171,7 @@ class Attention(nn.Module):
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, k_cache, v_cache, prepared)
-        out = out.reshape(t, self.q_size)
-        o_dtype = self.o_proj.compute_dtype
-        return self.o_proj(out if out.dtype == o_dtype else out.to(o_dtype))
+        return self.o_proj.compute(out.reshape(t, self.q_size))
 
     def fuses_qkv(self, k_cache) -> bool:
         """Whether a one-token step can run norm + QKV + rope + KV write as one launch: a dense
@@ -221,9 +226,7 @@ class MLP(nn.Module):
         rounded once, as the reference computes it: in bfloat16 (two roundings) greedy
         decodes of quantized models part from their float32 dequantisation on near-ties."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        h = F.silu(gate.float()) * up
-        down = self.down_proj.compute_dtype
-        return self.down_proj(h if h.dtype == down else h.to(down))
+        return self.down_proj.compute(F.silu(gate.float()) * up)
 
     def forward_fused(
         self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, fusions: DecodeFusions

@@ -49,7 +49,7 @@ class RagAnswer:
 # Pinned blocks are lent to no request, so together they keep to a quarter of the pool.
 DEFAULT_PIN_BUDGET = 0.25
 # Draft tokens per step for answers (prompt lookup, docs/speculative.md): answers quote their
-# passages; measured in docs/benchmarks/spec-cpu-2026-12-03.md.
+# passages; measured in docs/benchmarks/spec-cpu-2026-12-03-adaptive.md.
 DEFAULT_SPECULATIVE = 6
 
 

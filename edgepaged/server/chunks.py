@@ -6,7 +6,7 @@ chunk differs from the stream's previous one only in its choices, so the part ar
 dumped by pydantic once per request (the response models in protocol.py stay the one
 definition of the wire format) and each token only encodes its text into a template. The
 templates write exactly what `model_dump_json` writes for the same chunk
-(tests/test_server_chunks.py compares them byte for byte); rarer chunks (the opening, usage,
+(tests/test_server_streaming.py compares them byte for byte); rarer chunks (the opening, usage,
 the one carrying RAG sources) still go through pydantic.
 """
 
